@@ -1,0 +1,60 @@
+"""Grouped-query self-attention with q/k/v biases, as in transformers 5.24's eager Qwen2Attention.
+
+Shapes: B batch, T new positions, S key positions (past + new), D hidden size, H query heads,
+KV key/value heads, G = H // KV query heads per KV head, HD head dim.
+"""
+
+from .layers import linear, softmax
+from .rope import apply_rope
+from .trace import tap
+
+
+def grouped_query_attention(q, k, v, bias, scaling, scope=None):
+    """softmax(q kᵀ · scaling + bias) v, each KV head serving G consecutive query heads.
+
+    q [B, H, T, HD], k and v [B, KV, S, HD], bias [B, 1, T, S] -> context [B, H, T, HD], probs [B, H, T, S]
+
+    >>> import numpy as np
+    >>> q = np.ones((1, 2, 1, 2), dtype=np.float32); k = np.zeros((1, 1, 3, 2), dtype=np.float32)
+    >>> v = np.arange(6, dtype=np.float32).reshape(1, 1, 3, 2); bias = np.zeros((1, 1, 1, 3), dtype=np.float32)
+    >>> context, probs = grouped_query_attention(q, k, v, bias, scaling=1.0)
+    >>> context[0, :, 0].tolist()    # equal scores: both heads average the 3 values of the one KV head
+    [[2.0, 3.0], [2.0, 3.0]]
+    """
+    B, H, T, HD = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    # subtle: query head h reads KV head h // G (repeat-interleave, not tile). Stacking the G query heads
+    # of one KV head as rows of one matrix reads each K and V once and copies neither (transformers'
+    # repeat_kv materialises G copies).
+    qg = q.reshape(B, KV, G * T, HD)                              # [B, H, T, HD] -> [B, KV, G*T, HD]
+    scores = (qg @ k.swapaxes(-1, -2)) * scaling                  # -> [B, KV, G*T, S]
+    scores = tap(scope, "scores", scores.reshape(B, H, T, S))     # -> [B, H, T, S]
+    bias = tap(scope, "mask", bias)                               # [B, 1, T, S]: 0 or finfo.min
+    probs = tap(scope, "probs", softmax(scores + bias))           # [B, H, T, S]
+    context = probs.reshape(B, KV, G * T, S) @ v                  # -> [B, KV, G*T, HD]
+    return context.reshape(B, H, T, HD), probs
+
+
+def self_attention(x, p, cos, sin, bias, cache_layer, num_heads, num_kv_heads, head_dim, scope=None):
+    """The attention half of a decoder layer.  x [B, T, D] -> [B, T, D], probs [B, H, T, S]
+
+    `p` maps the checkpoint's names under `…self_attn.` (q_proj.weight, q_proj.bias, …) to arrays.
+    """
+    B, T, _ = x.shape
+    H, KV, HD = num_heads, num_kv_heads, head_dim
+    q = tap(scope, "q_proj", linear(x, p["q_proj.weight"], p["q_proj.bias"]))   # [B, T, D] -> [B, T, H*HD]
+    k = tap(scope, "k_proj", linear(x, p["k_proj.weight"], p["k_proj.bias"]))   # [B, T, D] -> [B, T, KV*HD]
+    v = tap(scope, "v_proj", linear(x, p["v_proj.weight"], p["v_proj.bias"]))   # [B, T, D] -> [B, T, KV*HD]
+    # subtle: heads are contiguous slices of the projection: head h owns features h*HD:(h+1)*HD
+    q = q.reshape(B, T, H, HD).transpose(0, 2, 1, 3)      # -> [B, H, T, HD]
+    k = k.reshape(B, T, KV, HD).transpose(0, 2, 1, 3)     # -> [B, KV, T, HD]
+    v = v.reshape(B, T, KV, HD).transpose(0, 2, 1, 3)     # -> [B, KV, T, HD]
+    q = tap(scope, "q_rope", apply_rope(q, cos, sin))     # [B, H, T, HD]
+    k = tap(scope, "k_rope", apply_rope(k, cos, sin))     # [B, KV, T, HD]
+    if cache_layer is not None:  # the cache stores keys after RoPE
+        k, v = cache_layer.update(k, v)                   # -> [B, KV, S, HD]
+    context, probs = grouped_query_attention(q, k, v, bias, head_dim ** -0.5, scope)
+    context = context.transpose(0, 2, 1, 3).reshape(B, T, H * HD)   # [B, H, T, HD] -> [B, T, H*HD]
+    context = tap(scope, "context", context)
+    return tap(scope, "o_proj", linear(context, p["o_proj.weight"])), probs   # -> [B, T, D]

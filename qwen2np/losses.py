@@ -1,0 +1,97 @@
+"""The training losses of the Qwen2 heads, as transformers 5.24 computes them (forward values only).
+
+>>> import numpy as np
+>>> logits = np.log(np.array([[0.5, 0.25, 0.25]], dtype=np.float32))
+>>> float(cross_entropy(logits, np.array([0])))          # -log 0.5
+0.6931471824645996
+"""
+
+import numpy as np
+
+from .backend import array_module
+
+IGNORE_INDEX = -100
+
+
+def log_softmax(x, axis=-1):
+    xp = array_module(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def cross_entropy(logits, labels, ignore_index=IGNORE_INDEX):
+    """Mean negative log-likelihood of `labels` [N] under `logits` [N, C], skipping ignore_index.
+
+    As torch, the mean over no labels at all is NaN.
+    """
+    xp = array_module(logits)
+    labels = xp.asarray(labels).reshape(-1)
+    keep = labels != ignore_index
+    rows = xp.nonzero(keep)[0]
+    picked = log_softmax(logits[rows])[xp.arange(rows.shape[0]), labels[rows]]   # [N_kept]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return -picked.sum() / logits.dtype.type(rows.shape[0])
+
+
+def check_labels(labels, num_classes, what):
+    """Class labels must be integers in [0, num_classes) or the ignore index -100."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what}: expected integer class ids, found dtype {labels.dtype}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{what}: label {int(labels[where])} at index {where} is outside [0, {num_classes}) "
+            f"and is not the ignore index {IGNORE_INDEX}"
+        )
+    return labels
+
+
+def causal_lm_loss(logits, labels):
+    """Next-token loss: position t predicts labels[t + 1].  logits [B, T, V], labels [B, T] -> scalar
+
+    transformers pads labels with -100 on the right and shifts them left, which pairs logits[:, t] with
+    labels[:, t + 1] and ignores the last position.
+    """
+    xp = array_module(logits)
+    labels = xp.asarray(labels)
+    B, T = labels.shape
+    shifted = xp.concatenate([labels[:, 1:], xp.full((B, 1), IGNORE_INDEX, dtype=labels.dtype)], axis=1)
+    return cross_entropy(logits.reshape(B * T, -1), shifted.reshape(-1))
+
+
+def sequence_classification_loss(pooled_logits, labels, config):
+    """Regression, single- or multi-label loss on pooled logits [B, num_labels].
+
+    subtle: like transformers, the problem type is inferred once from num_labels and the labels' dtype,
+    and stored on the config, so later calls keep it.
+    """
+    xp = array_module(pooled_logits)
+    labels = xp.asarray(labels)
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (np.int64, np.int32):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    dtype = pooled_logits.dtype
+    if config.problem_type == "regression":
+        target = labels.astype(dtype)
+        if num_labels == 1:
+            return ((pooled_logits.squeeze() - target.squeeze()) ** 2).mean()
+        return ((pooled_logits - target) ** 2).mean()
+    if config.problem_type == "single_label_classification":
+        check_labels(labels, num_labels, "labels")
+        return cross_entropy(pooled_logits.reshape(-1, num_labels), labels.reshape(-1))
+    # multi-label: binary cross-entropy with logits, averaged over every (row, label)
+    x, y = pooled_logits, labels.astype(dtype)
+    return (xp.maximum(x, 0) - x * y + xp.log1p(xp.exp(-xp.abs(x)))).mean()
+
+
+def token_classification_loss(logits, labels, num_labels):
+    """Per-token cross-entropy, ignoring -100.  logits [B, T, C], labels [B, T] -> scalar"""
+    check_labels(labels, num_labels, "labels")
+    return cross_entropy(logits.reshape(-1, num_labels), labels)

@@ -1,0 +1,84 @@
+"""Attention masks: which keys each query may see, as an additive bias of 0 (visible) or finfo.min (hidden).
+
+Three rules combine (docs/masks.md):
+* causal: a query sees keys at or before its own index;
+* padding: a key whose attention_mask entry is 0 is hidden from every query;
+* sliding window (layers marked "sliding_attention"): a query sees only the W most recent keys,
+  itself included: visible iff 0 <= q - k < W.
+
+Queries and keys are numbered by their index in the whole sequence (past + new), not by position_ids,
+exactly like transformers 5.24. The one exception is a packed batch (several sequences concatenated in a
+row, told apart by position_ids that restart) with no attention_mask and no cache: then the rules apply to
+positions, and a query never sees another sequence.
+
+>>> import numpy as np
+>>> visible = visibility(q_start=0, q_len=3, kv_start=0, kv_len=3, sliding_window=2)
+>>> visible.astype(int)
+array([[1, 0, 0],
+       [1, 1, 0],
+       [0, 1, 1]])
+"""
+
+import numpy as np
+
+from .backend import array_module
+
+
+def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
+    """Causal (and sliding-window) visibility of keys by queries, by sequence index.  -> [T, S] bool"""
+    q = np.arange(q_start, q_start + q_len, dtype=np.int64)[:, None]      # [T, 1]
+    k = np.arange(kv_start, kv_start + kv_len, dtype=np.int64)[None, :]   # [1, S]
+    visible = k <= q
+    if sliding_window is not None:
+        # subtle: W keys including the query itself (k > q - W), as the 5.24 masks do; older
+        # flash-attention paths saw W + 1 (docs/sliding-window.md)
+        visible &= k > q - sliding_window
+    return visible
+
+
+def packed_sequence_ids(position_ids):
+    """Index of the packed sequence each position belongs to, or None when no row restarts.  [B, T] -> [B, T]
+
+    >>> packed_sequence_ids(np.array([[0, 1, 2, 0, 1]])).tolist()
+    [[0, 0, 0, 1, 1]]
+    """
+    previous = np.concatenate([position_ids[:, :1] - 1, position_ids[:, :-1]], axis=1)
+    ids = np.cumsum(position_ids - previous != 1, axis=1)
+    return None if (ids[:, -1] == 0).all() else ids
+
+
+def packed_visibility(position_ids, sequence_ids, sliding_window=None):
+    """Visibility for a packed batch: the rules on positions, within one sequence.  -> [B, T, T] bool"""
+    q, k = position_ids[:, :, None], position_ids[:, None, :]   # [B, T, 1], [B, 1, T]
+    visible = k <= q
+    if sliding_window is not None:
+        visible &= k > q - sliding_window
+    return visible & (sequence_ids[:, :, None] == sequence_ids[:, None, :])
+
+
+def attention_bias(visible, dtype, xp=np):
+    """Boolean visibility [B, 1, T, S] -> the additive mask: 0 where visible, finfo(dtype).min elsewhere.
+
+    subtle: finfo.min, not -inf, as transformers. A query that sees no key at all (a left-padding
+    position) then gets equal scores everywhere, so a uniform softmax instead of NaN.
+    """
+    visible = xp.asarray(visible)
+    return xp.where(visible, dtype.type(0), np.finfo(dtype).min).astype(dtype, copy=False)
+
+
+def build_attention_bias(batch, q_start, q_len, kv_start, kv_len, attention_mask, position_ids,
+                         sliding_window, dtype, packed_ids=None, xp=np):
+    """The additive mask of one layer type for one forward pass.  -> [B, 1, T, S]
+
+    attention_mask is None or [B, past + T] (1 keep, 0 pad); its columns kv_start:kv_start+kv_len are
+    the keys this layer still holds (a sliding layer's cache forgets older ones).
+    """
+    if packed_ids is not None:
+        visible = packed_visibility(position_ids, packed_ids, sliding_window)[:, None]   # [B, 1, T, T]
+    else:
+        visible = visibility(q_start, q_len, kv_start, kv_len, sliding_window)[None, None]   # [1, 1, T, S]
+    if attention_mask is not None:
+        keep = attention_mask[:, kv_start:kv_start + kv_len].astype(bool)     # [B, S]
+        visible = visible & keep[:, None, None, :]                            # -> [B, 1, T, S]
+    visible = np.broadcast_to(visible, (batch, 1, q_len, kv_len))
+    return attention_bias(visible, np.dtype(dtype), xp)

@@ -1,0 +1,193 @@
+"""What every qwen2np model shares: construction, loading and saving weights, moving between backends.
+
+A model is its config plus a dict of arrays named as in the checkpoint. `Model(config)` draws random
+weights as transformers does; `Model.from_pretrained(path)` reads a Hugging Face folder or a GGUF file.
+"""
+
+import warnings
+
+import numpy as np
+
+from .backend import backend as array_backend
+from .config import Qwen2Config
+from .errors import CheckpointError
+from .weights import check_memory, check_shapes, random_parameters
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def resolve_dtype(dtype):
+    """'float32' | 'float64' (or the NumPy types) -> np.dtype; anything else is refused with the reason."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(
+            f"dtype {dtype!r}: qwen2np computes in 'float32' (default) or 'float64'; bfloat16/float16 "
+            f"checkpoints are converted to the compute dtype when loaded"
+        )
+    return np.dtype(DTYPES[name])
+
+
+class Qwen2PreTrainedModel:
+    """Base of Qwen2Model and the heads.
+
+    `self.params` maps checkpoint names to arrays (a tied lm_head is not stored twice). Subclasses
+    define `parameter_shapes(config)` and `_set_params(params)`, which keeps the dict and indexes it.
+    """
+
+    base_model_prefix = "model"
+    # heads of the other classes, dropped (with a warning) when a checkpoint of one class is loaded in another
+    foreign_heads = ("lm_head.weight", "score.weight", "score.bias")
+
+    def __init__(self, config, *, dtype="float32", seed=0):
+        """A model with random weights drawn from `seed`, as transformers' `Model(config)`.
+
+        The memory it needs is checked first: a config too big for this machine is refused with the
+        figures (e.g. the 11-billion-parameter default `Qwen2Config()`).
+        """
+        if not isinstance(config, Qwen2Config):
+            raise TypeError(f"{type(self).__name__} needs a Qwen2Config, got {type(config).__name__}")
+        dtype = resolve_dtype(dtype)
+        shapes = self.parameter_shapes(config)
+        check_memory(shapes, dtype, f"{type(self).__name__}({_describe(config)})")
+        self._setup(config, dtype, random_parameters(shapes, config, dtype, seed))
+
+    @classmethod
+    def from_config(cls, config, *, dtype="float32", seed=0):
+        return cls(config, dtype=dtype, seed=seed)
+
+    @classmethod
+    def _from_params(cls, config, params, dtype):
+        model = cls.__new__(cls)
+        model._setup(config, resolve_dtype(dtype), params)
+        return model
+
+    def _setup(self, config, dtype, params):
+        self.config = config
+        self.dtype = dtype
+        self.xp = np
+        self.generation_config = None
+        self._set_params(params)
+
+    # -- loading ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", progress=None, **config_overrides):
+        """Load a Hugging Face folder (model.safetensors or shards), a .safetensors file or a .gguf file.
+
+        `dtype` is the compute dtype: "float32" (float32 files are memory-mapped, not copied) or
+        "float64". `config_overrides` set config fields, e.g. `num_labels=3` for a classifier.
+        """
+        from .hub import resolve_model_path
+        from .io import load_checkpoint
+
+        dtype = resolve_dtype(dtype)
+        checkpoint = load_checkpoint(resolve_model_path(path), dtype=dtype.name, progress=progress)
+        config = Qwen2Config.from_dict({**checkpoint.config, **config_overrides})
+        params = cls._params_from_checkpoint(config, checkpoint.tensors, checkpoint.origin, checkpoint.path)
+        model = cls._from_params(config, params, dtype)
+        model._attach_generation_config(checkpoint.generation_config)
+        return model
+
+    def _attach_generation_config(self, generation_config):
+        pass  # the causal LM keeps one
+
+    @classmethod
+    def _params_from_checkpoint(cls, config, tensors, origin, path):
+        """Match a checkpoint's tensors to this class: add or strip the `model.` prefix, drop the heads of
+        other classes, tie the embeddings, and check every name and shape."""
+        prefix = cls.base_model_prefix + "." if cls.base_model_prefix else ""
+        tensors = {n: t for n, t in tensors.items() if not n.endswith("rotary_emb.inv_freq")}  # old buffers
+        expected = cls.parameter_shapes(config)
+        heads = [n for n in cls.foreign_heads if n in tensors]
+        base = {n: t for n, t in tensors.items() if n not in heads}
+        if prefix and base and not any(n.startswith(prefix) for n in base):  # a bare Qwen2Model checkpoint
+            base = {prefix + n: t for n, t in base.items()}
+            origin = {**origin, **{prefix + n: o for n, o in origin.items()}}
+        if not prefix and any(n.startswith("model.") for n in base):       # a head's checkpoint into Qwen2Model
+            base = {n[len("model."):]: t for n, t in base.items() if n.startswith("model.")}
+            origin = {**origin, **{n[len("model."):]: o for n, o in origin.items()}}
+        params = dict(base)
+        for name in heads:
+            if name in expected:
+                params[name] = tensors[name]
+            else:
+                warnings.warn(f"{name} in {origin.get(name, path)} is not used by {cls.__name__}", stacklevel=3)
+        if "lm_head.weight" in params and "lm_head.weight" not in expected:  # tied: the embedding serves
+            params.pop("lm_head.weight")
+        params = cls._complete_head(config, params, expected, path)
+        check_shapes(params, expected, origin, path)
+        return params
+
+    @classmethod
+    def _complete_head(cls, config, params, expected, path):
+        return params
+
+    # -- the weights --------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """name -> array, with the checkpoint's names (a tied lm_head appears, as in transformers)."""
+        tensors = dict(self.params)
+        if getattr(self, "lm_head", None) is not None and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = self.lm_head
+        return tensors
+
+    def load_state_dict(self, tensors, strict=True):
+        """Replace weights by name (e.g. to perturb one). Shapes must match; with strict, every weight."""
+        current = self.state_dict()
+        expected = {n: tuple(a.shape) for n, a in current.items()}
+        unknown = [n for n in tensors if n not in expected]
+        if unknown:
+            raise CheckpointError(f"{unknown[0]}: not a parameter of {type(self).__name__}")
+        if strict:
+            check_shapes(tensors, expected, {}, "load_state_dict")
+        for name, array in tensors.items():
+            if tuple(array.shape) != expected[name]:
+                raise CheckpointError(f"{name}: expected shape {expected[name]}, found {tuple(array.shape)}")
+        merged = {**current, **{n: self.xp.asarray(a).astype(self.dtype, copy=False) for n, a in tensors.items()}}
+        if getattr(self.config, "tie_word_embeddings", False) and "lm_head.weight" in merged:
+            if "lm_head.weight" in tensors and "model.embed_tokens.weight" not in tensors:
+                merged["model.embed_tokens.weight"] = merged["lm_head.weight"]
+            merged.pop("lm_head.weight")
+        self._set_params(merged)
+
+    def num_parameters(self):
+        seen = {id(a): a.size for a in self.state_dict().values()}  # a tied weight counts once
+        return sum(seen.values())
+
+    def save_pretrained(self, folder, max_shard_bytes=None):
+        """Write config.json and model.safetensors (a tied lm_head is left out, as transformers does)."""
+        from .io import save_hf_folder
+
+        tensors = self.state_dict()
+        if self.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        tensors = {n: np.ascontiguousarray(_to_numpy(a)) for n, a in tensors.items()}
+        config = self.config.to_dict()
+        config["architectures"] = [type(self).__name__]
+        generation = self.generation_config.to_dict() if self.generation_config is not None else None
+        save_hf_folder(folder, config, tensors, generation_config=generation, max_shard_bytes=max_shard_bytes)
+
+    def to(self, name):
+        """Move the weights to the "numpy" or "cupy" backend; returns self."""
+        xp = array_backend(name)
+        params = {n: xp.asarray(a) for n, a in self.params.items()}
+        self.xp = xp
+        self._set_params(params)
+        return self
+
+    def __repr__(self):
+        c = self.config
+        return (f"{type(self).__name__}({c.num_hidden_layers} layers, D={c.hidden_size}, H={c.num_attention_heads}, "
+                f"KV={c.num_key_value_heads}, HD={c.head_dim}, F={c.intermediate_size}, V={c.vocab_size}, "
+                f"{self.dtype.name})")
+
+
+def _describe(config):
+    return (f"hidden_size={config.hidden_size}, num_hidden_layers={config.num_hidden_layers}, "
+            f"vocab_size={config.vocab_size}")
+
+
+def _to_numpy(a):
+    from .backend import to_numpy
+
+    return to_numpy(a)

@@ -1,0 +1,68 @@
+"""Shared test set-up: the oracle and the real checkpoint are required in CI, optional elsewhere.
+
+`.ci/run` sets QWEN2NP_CI=1. Then a test that needs transformers (the oracle) or the real test checkpoint
+fails when it cannot run, instead of skipping: a silent skip in CI would be a test that cannot fail.
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+IN_CI = os.environ.get("QWEN2NP_CI") == "1"
+
+ORACLE_VERSIONS = {"transformers": "5.24.0", "torch": "2.13.0", "tokenizers": "0.23.3"}
+
+settings.register_profile(
+    "qwen2np", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("qwen2np")
+
+
+def require(ok, reason):
+    """Skip with `reason` when not `ok`; in CI, fail instead."""
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (QWEN2NP_CI=1: this must run in CI, not skip)")
+    pytest.skip(reason)
+
+
+def _oracle_problem():
+    try:
+        import tokenizers
+        import torch
+        import transformers
+    except ImportError as e:
+        return f"the oracle is not installed ({e}); pip install torch==2.13.0 'qwen2np[oracle]'"
+    found = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "tokenizers": tokenizers.__version__,
+    }
+    wrong = [f"{k} {found[k]} (want {v})" for k, v in ORACLE_VERSIONS.items() if found[k] != v]
+    return f"wrong oracle versions: {', '.join(wrong)}" if wrong else None
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """The transformers module, pinned to 5.24.0 (torch 2.13.0, 2 threads, no grad)."""
+    problem = _oracle_problem()
+    require(problem is None, problem)
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    torch.set_grad_enabled(False)
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+@pytest.fixture(scope="session")
+def test_gguf():
+    """Path of the real Qwen2.5-Coder-0.5B-Instruct GGUF, assembled by `qwen2np fetch`."""
+    from qwen2np.fetch import test_checkpoint_path
+
+    path = test_checkpoint_path()
+    require(path.is_file(), f"the test checkpoint is missing at {path}; run `qwen2np fetch`")
+    return path
