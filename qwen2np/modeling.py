@@ -207,7 +207,7 @@ class _WithBaseModel(Qwen2PreTrainedModel):
     def _complete_head(cls, config, params, expected, path):
         """A classifier loaded from a language-model checkpoint gets a fresh random head, as transformers
         does (and says so)."""
-        missing = {n: expected[n] for n in cls.head_shapes if n not in params}
+        missing = {n: expected[n] for n in cls.head_shapes if n in expected and n not in params}
         if missing and cls is not Qwen2ForCausalLM:
             import warnings
 
