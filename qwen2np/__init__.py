@@ -29,7 +29,7 @@ _EXPORTS = {
     "DynamicCache": "qwen2np.cache",
     "GenerationConfig": "qwen2np.generation",
     "TextStreamer": "qwen2np.generation",
-    "trace": "qwen2np.trace",
+    "trace": "qwen2np.tracing",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -6,7 +6,7 @@ KV key/value heads, G = H // KV query heads per KV head, HD head dim.
 
 from .layers import linear, softmax
 from .rope import apply_rope
-from .trace import tap
+from .tracing import tap
 
 
 def grouped_query_attention(q, k, v, bias, scaling, scope=None):

@@ -13,7 +13,7 @@ array([0.       , 0.7310586], dtype=float32)
 import numpy as np
 
 from .backend import array_module
-from .trace import tap
+from .tracing import tap
 
 
 def linear(x, weight, bias=None):

@@ -36,7 +36,7 @@ from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceC
                       TokenClassifierOutput)
 from .pretrained import Qwen2PreTrainedModel
 from .rope import RotaryEmbedding
-from .trace import tap
+from .tracing import tap
 from .weights import base_parameter_shapes, random_parameters
 
 

@@ -108,12 +108,15 @@ class Qwen2PreTrainedModel:
             origin = {**origin, **{n[len("model."):]: o for n, o in origin.items()}}
         params = dict(base)
         for name in heads:
+            tied = name == "lm_head.weight" and config.tie_word_embeddings and "lm_head.weight" not in expected
             if name in expected:
                 params[name] = tensors[name]
+            elif tied and cls.__name__ == "Qwen2ForCausalLM":  # the embedding serves as lm_head
+                if not np.array_equal(tensors[name], params.get(f"{prefix}embed_tokens.weight")):
+                    warnings.warn(f"lm_head.weight in {origin.get(name, path)} differs from the embedding; "
+                                  "tie_word_embeddings is true, so the embedding is used", stacklevel=3)
             else:
                 warnings.warn(f"{name} in {origin.get(name, path)} is not used by {cls.__name__}", stacklevel=3)
-        if "lm_head.weight" in params and "lm_head.weight" not in expected:  # tied: the embedding serves
-            params.pop("lm_head.weight")
         params = cls._complete_head(config, params, expected, path)
         check_shapes(params, expected, origin, path)
         return params
