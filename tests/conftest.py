@@ -66,3 +66,57 @@ def test_gguf():
     path = test_checkpoint_path()
     require(path.is_file(), f"the test checkpoint is missing at {path}; run `qwen2np fetch`")
     return path
+
+
+@pytest.fixture(scope="session")
+def real_model(test_gguf):
+    """qwen2np's Qwen2ForCausalLM on the real GGUF, float32, loaded once per session."""
+    from qwen2np import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(test_gguf)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(test_gguf):
+    from qwen2np import Qwen2Tokenizer
+
+    return Qwen2Tokenizer.from_pretrained(test_gguf)
+
+
+def transformers_checkpoint_folder(oracle, gguf):
+    """The real GGUF as transformers itself dequantizes it, saved once as a float32 safetensors folder.
+
+    transformers needs about a minute to load a GGUF; the folder it writes here loads in seconds
+    (memory-mapped). It is made by transformers alone, so it stays an independent oracle; a stamp names
+    the GGUF and the transformers version it came from.
+    """
+    import json
+
+    import torch
+
+    folder = gguf.parent / f"transformers-{oracle.__version__}-float32"
+    stamp = {"gguf": gguf.name, "size": gguf.stat().st_size, "transformers": oracle.__version__}
+    if (folder / "stamp.json").is_file() and json.loads((folder / "stamp.json").read_text()) == stamp:
+        return folder
+    model = oracle.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one and save that
+    plain = oracle.Qwen2ForCausalLM(model.config)
+    plain.load_state_dict(model.state_dict())
+    tmp = folder.with_name(folder.name + ".tmp")
+    plain.save_pretrained(tmp)
+    (tmp / "stamp.json").write_text(json.dumps(stamp))
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_real_model(oracle, test_gguf):
+    """transformers 5.24's Qwen2ForCausalLM on the same dequantized weights: float32, eager attention."""
+    import torch
+
+    folder = transformers_checkpoint_folder(oracle, test_gguf)
+    return oracle.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
