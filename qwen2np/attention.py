@@ -28,10 +28,12 @@ def grouped_query_attention(q, k, v, bias, scaling, scope=None):
     # of one KV head as rows of one matrix reads each K and V once and copies neither (transformers'
     # repeat_kv materialises G copies).
     qg = q.reshape(B, KV, G * T, HD)                              # [B, H, T, HD] -> [B, KV, G*T, HD]
-    scores = (qg @ k.swapaxes(-1, -2)) * scaling                  # -> [B, KV, G*T, S]
+    scores = qg @ k.swapaxes(-1, -2)                              # -> [B, KV, G*T, S]
+    scores *= scaling                                             # after the product, as transformers
     scores = tap(scope, "scores", scores.reshape(B, H, T, S))     # -> [B, H, T, S]
     bias = tap(scope, "mask", bias)                               # [B, 1, T, S]: 0 or finfo.min
-    probs = tap(scope, "probs", softmax(scores + bias))           # [B, H, T, S]
+    probs = scores + bias                                         # a new buffer, softmaxed in place
+    probs = tap(scope, "probs", softmax(probs, out=probs))        # [B, H, T, S]
     context = probs.reshape(B, KV, G * T, S) @ v                  # -> [B, KV, G*T, HD]
     return context.reshape(B, H, T, HD), probs
 

@@ -42,7 +42,9 @@ def silu(x):
     """x · sigmoid(x), also called swish. Qwen2's hidden_act."""
     xp = array_module(x)
     with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 in float32: silu(x) is then -0, as it should be
-        return x / (1 + xp.exp(-x))
+        e = xp.exp(-x)
+        e += 1
+        return xp.divide(x, e, out=e)   # x / (1 + exp(-x)), in one buffer
 
 
 def relu(x):
@@ -67,13 +69,14 @@ def swiglu_mlp(x, gate_proj, up_proj, down_proj, act=silu, scope=None):
     return tap(scope, "down_proj", linear(h * up, down_proj))   # [B, T, F] -> [B, T, D]
 
 
-def softmax(x, axis=-1):
-    """Numerically stable softmax along `axis`, in the dtype of `x`.
+def softmax(x, axis=-1, out=None):
+    """Numerically stable softmax along `axis`, in the dtype of `x` (into `out`, which may be `x`).
 
     >>> softmax(np.array([0.0, np.log(3.0)], dtype=np.float32)).tolist()
     [0.25, 0.75]
     """
     xp = array_module(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e = xp.subtract(x, x.max(axis=axis, keepdims=True), out=out)
+    xp.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
