@@ -50,3 +50,21 @@ class DownloadError(Qwen2npError, OSError):
 class TokenizerInputError(Qwen2npError, ValueError):
     """A tokenizer argument has a bad value: an id outside the vocabulary, an unknown padding or
     truncation strategy, return_tensors other than "np", a batch that cannot become one array."""
+
+
+class TraceError(Qwen2npError, ValueError):
+    """A trace edit is misused: it returns something other than an array of the same shape and dtype, a
+    patch does not fit the tensor it replaces, a head index is out of range."""
+
+
+class IntermediateNameError(Qwen2npError, KeyError):
+    """A name or glob pattern matches no intermediate tensor (docs/intermediates.md lists them), or a trace
+    did not record the name asked for. A KeyError, since it is a failed lookup by name."""
+
+    def __str__(self):  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class DumpError(Qwen2npError, ValueError):
+    """A dump (manifest.json + tensors.safetensors, docs/dump-format.md) is missing or malformed, or two
+    dumps cannot be compared (different token ids, shapes or forward passes)."""
