@@ -22,6 +22,8 @@ _EXPORTS = {
     "Qwen2Tokenizer": "qwen2np.tokenizer",
     "Qwen2TokenizerFast": "qwen2np.tokenizer",
     "IncrementalDecoder": "qwen2np.tokenizer",
+    "BatchEncoding": "qwen2np.tokenizer",
+    "AddedToken": "qwen2np.tokenizer",
     "Qwen2Model": "qwen2np.modeling",
     "Qwen2ForCausalLM": "qwen2np.modeling",
     "Qwen2ForSequenceClassification": "qwen2np.modeling",

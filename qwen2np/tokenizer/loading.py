@@ -1,0 +1,156 @@
+"""Where a tokenizer comes from and where it goes: the bundled files, a Hugging Face folder, a GGUF
+file, and `save_pretrained`.
+
+Loading follows transformers 5.24's ``from_pretrained``:
+
+* tokenizer.json is preferred to vocab.json + merges.txt when both are present;
+* tokenizer_config.json gives the constructor's keyword arguments; its ``added_tokens_decoder`` wins.
+  Without one, special_tokens_map.json fills in the special tokens and tokenizer.json's
+  ``added_tokens`` gives the added tokens;
+* chat_template.jinja beside them overrides the config's ``chat_template``;
+* keyword arguments given to ``from_pretrained`` override everything read from files.
+"""
+
+import os
+from importlib import resources
+
+from ..errors import TokenizerFileError
+from .files import (
+    SPECIAL_TOKEN_KEYS,
+    added_token_from_json,
+    find_tokenizer_files,
+    read_json,
+    read_tokenizer_config,
+    write_json,
+    write_merges_txt,
+    write_vocab_json,
+)
+
+
+def bundled_tokenizer_dir():
+    """The folder of the tokenizer files shipped with qwen2np (Qwen2.5's, see its NOTICE).
+
+    >>> sorted(os.listdir(bundled_tokenizer_dir()))
+    ['NOTICE', 'merges.txt', 'tokenizer_config.json', 'vocab.json']
+    """
+    return str(resources.files("qwen2np") / "data" / "tokenizer")
+
+
+def _drop_internal_keys(cfg):
+    for key in ("tokenizer_class", "init_inputs", "auto_map", "processor_class", "name_or_path",
+                "vocab_file", "merges_file", "tokenizer_file", "special_tokens_map_file"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def constructor_kwargs_from_folder(folder, tokenizer_json=None):
+    """The keyword arguments that build the tokenizer saved in `folder` (see the module docstring).
+
+    `tokenizer_json` forces that file (a path given directly to ``from_pretrained``).
+    """
+    files = find_tokenizer_files(folder)
+    if tokenizer_json is not None:
+        files["tokenizer.json"] = tokenizer_json
+    if "tokenizer.json" not in files and not ("vocab.json" in files and "merges.txt" in files):
+        present = sorted(files) or "no tokenizer files"
+        raise TokenizerFileError(
+            f"{folder}: expected tokenizer.json, or vocab.json and merges.txt, found {present}")
+    kwargs = {}
+    if "tokenizer_config.json" in files:
+        kwargs = _drop_internal_keys(read_tokenizer_config(files["tokenizer_config.json"]))
+    if "tokenizer.json" in files:
+        kwargs["tokenizer_file"] = files["tokenizer.json"]
+        # transformers ignores add_bos_token/add_eos_token from the config when tokenizer.json is there
+        kwargs.pop("add_bos_token", None)
+        kwargs.pop("add_eos_token", None)
+    else:
+        kwargs["vocab_file"] = files["vocab.json"]
+        kwargs["merges_file"] = files["merges.txt"]
+    if "added_tokens_decoder" not in kwargs and "special_tokens_map.json" in files:
+        path = files["special_tokens_map.json"]
+        stm = read_json(path)
+        if not isinstance(stm, dict):
+            raise TokenizerFileError(f"{path}: expected a JSON object, found {type(stm).__name__}")
+        for key, value in stm.items():
+            if key in SPECIAL_TOKEN_KEYS and value is not None:
+                kwargs[key] = added_token_from_json(value, f"{path}: key {key!r}")
+            elif key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
+                kwargs[key] = [added_token_from_json(t, f"{path}: key {key!r}[{k}]") for k, t in enumerate(value)]
+    if "chat_template.jinja" in files:
+        with open(files["chat_template.jinja"], encoding="utf-8") as f:
+            kwargs["chat_template"] = f.read()
+    kwargs["name_or_path"] = str(folder)
+    return kwargs
+
+
+_SETTABLE = {"model_max_length", "padding_side", "truncation_side", "split_special_tokens", "chat_template",
+             "clean_up_tokenization_spaces", "errors", "bos_token", "eos_token", "unk_token", "pad_token",
+             "add_prefix_space", "normalization"}
+
+
+def load_tokenizer(cls, path, kwargs):
+    """Build `cls` from `path` (None: the bundled files; a folder; a tokenizer.json; a .gguf file)."""
+    if path is None:
+        path = bundled_tokenizer_dir()
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = constructor_kwargs_from_folder(path)
+    elif os.path.isfile(path) and path.lower().endswith(".gguf"):
+        from ..io.gguf_file import load_gguf_tokenizer  # written by the GGUF reader; imported only here
+
+        tok = load_gguf_tokenizer(path)
+        for key, value in kwargs.items():  # overrides of plain settings; the tables come from the file
+            if key not in _SETTABLE:
+                raise TokenizerFileError(
+                    f"{path}: from_pretrained({key}=...): a .gguf tokenizer accepts overrides of {sorted(_SETTABLE)} only")
+            setattr(tok, key, value)
+        return tok
+    elif os.path.isfile(path) and path.lower().endswith(".json"):
+        found = constructor_kwargs_from_folder(os.path.dirname(os.path.abspath(path)), tokenizer_json=path)
+    elif os.path.exists(path):
+        raise TokenizerFileError(
+            f"{path}: expected a tokenizer folder, a tokenizer.json or a .gguf file, found another kind of file")
+    else:
+        raise TokenizerFileError(
+            f"{path}: no such file or folder (qwen2np reads local files only; it does not download from the Hub)")
+    found.update(kwargs)
+    return cls(**found)
+
+
+def save_tokenizer(tok, folder):
+    """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into `folder`."""
+    if os.path.isfile(folder):
+        raise TokenizerFileError(f"{folder}: expected a folder to save the tokenizer in, found a file")
+    os.makedirs(folder, exist_ok=True)
+    paths = {name: os.path.join(folder, name) for name in
+             ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")}
+    write_vocab_json(paths["vocab.json"], tok._vocab)
+    write_merges_txt(paths["merges.txt"], tok._merges)
+    specials = {key: getattr(tok, key) for key in SPECIAL_TOKEN_KEYS}
+    extra = [str(t) for t in tok._extra_special_tokens]
+    config = {
+        "add_bos_token": tok.add_bos_token,
+        "add_eos_token": tok.add_eos_token,
+        "add_prefix_space": tok.add_prefix_space,
+        "added_tokens_decoder": {str(i): t.__getstate__() for i, t in tok.added_tokens_decoder.items()},
+        "additional_special_tokens": extra,
+        **{k: v for k, v in specials.items() if v is not None or k in ("bos_token", "unk_token")},
+        "chat_template": tok.chat_template,
+        "clean_up_tokenization_spaces": tok.clean_up_tokenization_spaces,
+        "errors": tok.errors,
+        "model_max_length": tok.model_max_length,
+        "padding_side": tok.padding_side,
+        "split_special_tokens": tok.split_special_tokens,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "truncation_side": tok.truncation_side,
+    }
+    if config["chat_template"] is None:
+        del config["chat_template"]
+    if tok.normalization is None:  # a qwen2np key (a GGUF's tokenizer has no NFC step); transformers ignores it
+        config["normalization"] = None
+    write_json(paths["tokenizer_config.json"], config)
+    special_map = {k: v for k, v in specials.items() if v is not None}
+    if extra:
+        special_map["additional_special_tokens"] = extra
+    write_json(paths["special_tokens_map.json"], special_map)
+    return tuple(paths.values())

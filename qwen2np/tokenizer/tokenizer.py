@@ -1,0 +1,393 @@
+"""`Qwen2Tokenizer`: the tokenizer's tables, encoding (text -> ids) and decoding (ids -> text).
+
+Encoding, stage by stage (docs/tokenizer.md walks through each with its traps):
+
+1. split the raw text on added tokens (``<|im_end|>`` becomes its id; longest match, leftmost first);
+2. NFC-normalise each plain segment (after the split, as the Rust library does);
+3. cut each segment into pieces with the Qwen2 regex (`pretokenize`);
+4. write each piece in GPT-2's byte-level alphabet (`to_byte_level`);
+5. BPE by merge rank (`bpe`), then look the tokens up in the vocabulary.
+
+Steps 4-5 are cached per piece: real text repeats its words, so most pieces are dictionary hits.
+Batching, padding and truncation live in `batch.py`; decoding in `decoding.py`; loading and saving in
+`loading.py`.
+"""
+
+from itertools import chain
+
+from ..errors import TokenizerInputError
+from .added_tokens import AddedToken, AddedVocabulary
+from .batch import BatchMethods
+from .decoding import DecodeMethods, as_id
+from .bpe import bpe
+from .files import SPECIAL_TOKEN_KEYS, added_token_from_json, read_merges_txt, read_vocab_json
+from .model import build_model, load_model_files, load_tokenizer_json_model
+from .loading import load_tokenizer, save_tokenizer
+from .pretokenize import nfc, pretokenize
+
+
+VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when none is known
+CACHE_LIMIT = 200_000  # pieces kept in the BPE cache before it is emptied
+
+
+class Qwen2Tokenizer(BatchMethods, DecodeMethods):
+    """Qwen2's byte-level BPE tokenizer, from scratch, giving the ids of transformers 5.24's.
+
+    >>> tok = Qwen2Tokenizer.from_pretrained()  # the bundled Qwen2.5 files
+    >>> tok("Hello world")["input_ids"]
+    [9707, 1879]
+    >>> tok.decode([9707, 1879, 151645])
+    'Hello world<|im_end|>'
+    >>> tok.vocab_size, len(tok), tok.eos_token, tok.pad_token_id
+    (151643, 151665, '<|im_end|>', 151643)
+    """
+
+    vocab_files_names = {"vocab_file": "vocab.json", "merges_file": "merges.txt", "tokenizer_file": "tokenizer.json"}
+    model_input_names = ["input_ids", "attention_mask"]
+    SPECIAL_TOKENS_ATTRIBUTES = list(SPECIAL_TOKEN_KEYS)
+
+    def __init__(self, vocab=None, merges=None, unk_token="<|endoftext|>", bos_token=None,
+                 eos_token="<|endoftext|>", pad_token="<|endoftext|>", add_prefix_space=None, *,
+                 vocab_file=None, merges_file=None, tokenizer_file=None, errors="replace",
+                 clean_up_tokenization_spaces=False, split_special_tokens=False, added_tokens_decoder=None,
+                 additional_special_tokens=None, extra_special_tokens=None, model_max_length=None,
+                 chat_template=None, padding_side="right", truncation_side="right", add_bos_token=False,
+                 add_eos_token=False, name_or_path="",
+                 clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=False,
+                 sep_token=None, cls_token=None, mask_token=None, normalization="NFC", **kwargs):
+        # -- the BPE model: vocab and merges, from dicts/lists or files (v5 and 4.x argument forms)
+        json_added = {}
+        if isinstance(vocab, (str, bytes)) or hasattr(vocab, "__fspath__"):
+            vocab_file, vocab = vocab, None
+        if isinstance(merges, (str, bytes)) or hasattr(merges, "__fspath__"):
+            merges_file, merges = merges, None
+        if vocab is None and merges is None and tokenizer_file is not None:
+            model, json_added = load_tokenizer_json_model(tokenizer_file)
+        elif vocab is None and merges is None and vocab_file is not None and merges_file is not None:
+            model = load_model_files(vocab_file, merges_file)
+        else:
+            if vocab is None and vocab_file is not None:
+                vocab = read_vocab_json(vocab_file)
+            merges_where, line_numbers = "merges", None
+            if merges is None and merges_file is not None:
+                merges, line_numbers = read_merges_txt(merges_file)
+                merges_where = str(merges_file)
+            if vocab is None:  # transformers 5.24 builds a one-token tokenizer when given nothing
+                vocab = {"<|endoftext|>": 0}
+            model = build_model(vocab, merges or [], "vocab", merges_where, line_numbers)
+        self._vocab, self._merges, self._merge_table, self._id_to_token, self._byte_ids = model
+        self._full_alphabet = None not in self._byte_ids
+        self._cache = {}  # piece -> its ids; this tokenizer's own (tables above are shared)
+
+        # -- settings (the names and meanings of transformers' PreTrainedTokenizerBase)
+        self.name_or_path = str(name_or_path)
+        if normalization not in ("NFC", None):
+            raise TokenizerInputError(f"normalization={normalization!r}: expected 'NFC' or None")
+        # None: no NFC step, as transformers builds the tokenizer of a GGUF file (qwen2np.io.gguf_tokenizer)
+        self.normalization = normalization
+        self.errors = errors
+        self.add_prefix_space = bool(add_prefix_space) if add_prefix_space is not None else False
+        self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
+        self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = bool(
+            clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output)
+        self.split_special_tokens = bool(split_special_tokens)
+        self.model_max_length = int(model_max_length) if model_max_length is not None else VERY_LARGE_INTEGER
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            if side not in ("left", "right"):
+                raise TokenizerInputError(f"{name}={side!r}: expected 'left' or 'right'")
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        self.add_bos_token, self.add_eos_token = bool(add_bos_token), bool(add_eos_token)
+        if isinstance(chat_template, (list, tuple)):
+            chat_template = {t["name"]: t["template"] for t in chat_template}
+        self.chat_template = chat_template
+        self.init_kwargs = dict(kwargs)  # keys qwen2np does not use, kept as transformers keeps them
+        self.deprecation_warnings = {}
+
+        # -- added tokens: explicit ids first, then every special token named here (flagged special)
+        self._added = AddedVocabulary()
+        if added_tokens_decoder is None:
+            added_tokens_decoder = json_added
+        for token_id, token in sorted(((int(k), v) for k, v in added_tokens_decoder.items()), key=lambda kv: kv[0]):
+            self._added.add(added_token_from_json(token, f"added_tokens_decoder[{token_id}]"), token_id)
+        self._special = {}
+        named = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, sep_token=sep_token,
+                     pad_token=pad_token, cls_token=cls_token, mask_token=mask_token)
+        for key in SPECIAL_TOKEN_KEYS:
+            value = named[key]
+            if value is not None and not isinstance(value, (str, AddedToken)):
+                raise TypeError(f"{key}: expected a str or AddedToken, found {type(value).__name__}")
+            self._special[key] = None if value is None else str(value)
+        extra = extra_special_tokens if extra_special_tokens is not None else additional_special_tokens
+        if extra is not None and not isinstance(extra, (list, tuple)):
+            raise TypeError(f"additional_special_tokens: expected a list of tokens, found {type(extra).__name__}")
+        self._extra_special_tokens = [str(t) for t in (extra or [])]
+        # transformers 5.24's Qwen2Tokenizer ends its __init__ with add_tokens(AddedToken(t, special=True)
+        # for t in all_special_tokens): a named token that is not there yet is appended as special.
+        for content in self.all_special_tokens:
+            self._add_token(AddedToken(content, special=True))
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *init_inputs, **kwargs):
+        """Load a tokenizer: the bundled Qwen2.5 files (no argument), a Hugging Face folder
+        (tokenizer.json, or vocab.json + merges.txt, with tokenizer_config.json), a tokenizer.json file,
+        or a .gguf file. Keyword arguments override the saved configuration.
+
+        >>> Qwen2Tokenizer.from_pretrained(model_max_length=8).model_max_length
+        8
+        """
+        if init_inputs:
+            raise TypeError(f"from_pretrained takes one path; found extra positional arguments {init_inputs!r}")
+        for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code"):
+            kwargs.pop(key, None)  # Hub arguments: qwen2np reads local files only
+        return load_tokenizer(cls, pretrained_model_name_or_path, kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write vocab.json, merges.txt, tokenizer_config.json (with added_tokens_decoder and
+        chat_template) and special_tokens_map.json; transformers 5.24 loads the folder. Returns the paths."""
+        return save_tokenizer(self, str(save_directory))
+
+    def _add_token(self, token):
+        """Add one AddedToken: the vocabulary's id if the content is a vocabulary token, else the next id."""
+        if not token.content:
+            return None
+        if token.content in self._vocab:
+            token_id = self._vocab[token.content]
+        elif token.content in self._added.by_content:
+            token_id = self._added.by_content[token.content]
+        else:
+            token_id = max(len(self._vocab), max(self._added.by_id, default=-1) + 1)
+        return self._added.add(token, token_id)
+
+    def add_tokens(self, new_tokens, special_tokens=False):
+        """Add tokens (str or AddedToken) to the added vocabulary; returns how many were new.
+
+        >>> tok = Qwen2Tokenizer.from_pretrained()
+        >>> tok.add_tokens(["<my_tag>"]), tok.convert_tokens_to_ids("<my_tag>"), len(tok)
+        (1, 151665, 151666)
+        """
+        if isinstance(new_tokens, (str, AddedToken)):
+            new_tokens = [new_tokens]
+        tokens = []
+        for t in new_tokens:
+            if isinstance(t, str):
+                t = AddedToken(t, special=special_tokens)
+            elif not isinstance(t, AddedToken):
+                raise TypeError(f"add_tokens: expected str or AddedToken, found {type(t).__name__}")
+            tokens.append(t)
+        # counted as the Rust library counts: tokens new to the added vocabulary (even if in vocab.json)
+        added = sum(t.content not in self._added.by_content and bool(t.content) for t in tokens)
+        for t in tokens:
+            self._add_token(t)
+        self._cache.clear()
+        return added
+
+    # ------------------------------------------------------------------ vocabulary and special tokens
+    @property
+    def vocab_size(self):
+        """The size of the BPE vocabulary, without added tokens (151643 for Qwen2)."""
+        return len(self._vocab)
+
+    def __len__(self):
+        return len(self.get_vocab())
+
+    def get_vocab(self):
+        """``{token: id}`` for the vocabulary and the added tokens."""
+        return {**self._vocab, **self._added.by_content}
+
+    @property
+    def vocab(self):
+        return self.get_vocab()
+
+    @property
+    def added_tokens_decoder(self):
+        """``{id: AddedToken}`` in id order."""
+        return dict(sorted(self._added.by_id.items()))
+
+    @property
+    def added_tokens_encoder(self):
+        """``{content: id}`` in id order."""
+        return {t.content: i for i, t in self.added_tokens_decoder.items()}
+
+    def get_added_vocab(self):
+        return self.added_tokens_encoder
+
+    @property
+    def special_tokens_map(self):
+        """The named special tokens that are set: ``{"eos_token": "<|im_end|>", ...}``."""
+        return {k: v for k, v in self._special.items() if v is not None}
+
+    @property
+    def all_special_tokens(self):
+        """Named special tokens, then the additional ones, each once."""
+        seen = []
+        for t in [*self._special.values(), *self._extra_special_tokens]:
+            if t is not None and t not in seen:
+                seen.append(t)
+        return seen
+
+    @property
+    def all_special_ids(self):
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    @property
+    def additional_special_tokens(self):
+        return list(self._extra_special_tokens)
+
+    extra_special_tokens = additional_special_tokens
+
+    @property
+    def additional_special_tokens_ids(self):
+        return self.convert_tokens_to_ids(self._extra_special_tokens)
+
+    def _token_to_id(self, token):
+        i = self._added.by_content.get(token)
+        if i is None:
+            i = self._vocab.get(token)
+        if i is None and self._special["unk_token"] is not None and token != self._special["unk_token"]:
+            return self._token_to_id(self._special["unk_token"])
+        return i
+
+    def convert_tokens_to_ids(self, tokens):
+        """Token string(s) -> id(s); an unknown token gives the unk id (None: Qwen has no unk token).
+
+        >>> tok = Qwen2Tokenizer.from_pretrained()
+        >>> tok.convert_tokens_to_ids(["Hello", "Ġworld", "<|im_end|>"])
+        [9707, 1879, 151645]
+        """
+        if isinstance(tokens, str):
+            return self._token_to_id(tokens)
+        return [self._token_to_id(t) for t in tokens]
+
+    def _id_token(self, token_id):
+        return self._token_string(as_id(token_id))
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        """Id(s) -> token string(s) in the byte-level alphabet (``Ġ`` is a space).
+
+        >>> Qwen2Tokenizer.from_pretrained().convert_ids_to_tokens([9707, 1879])
+        ['Hello', 'Ġworld']
+        """
+        if hasattr(ids, "tolist"):  # a NumPy array or scalar
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            return self._id_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else ()
+        return [self._id_token(i) for i in ids if i not in skip]
+
+    def __getattr__(self, name):
+        # bos_token_id, eos_token_id, ... and the setters below read the named special tokens
+        special = self.__dict__.get("_special")
+        if special is not None:
+            if name in special:
+                return special[name]
+            if name.endswith("_id") and name[:-3] in special:
+                token = special[name[:-3]]
+                return None if token is None else self._token_to_id(token)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        special = self.__dict__.get("_special")
+        if special is not None and (name in special or (name.endswith("_id") and name[:-3] in special)):
+            if name.endswith("_id"):
+                name, value = name[:-3], (None if value is None else self._id_token(value))
+            if value is not None and not isinstance(value, (str, AddedToken)):
+                raise TypeError(f"{name}: expected a str or AddedToken, found {type(value).__name__}")
+            special[name] = None if value is None else str(value)
+            return
+        object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ encoding
+    def _encode_text(self, text, split_special_tokens):
+        """The ids of one string, without any special tokens added (the pipeline of the module doc)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected a str, found {type(text).__name__}")
+        ids = []
+        # subtle: added tokens are found in the raw text, *before* NFC (a following combining mark must
+        # not fuse with '>' and hide the token), as the Rust library does; docs/tokenizer.md
+        for part in self._added.split(text, normalized=False, skip_special=split_special_tokens):
+            if type(part) is int:
+                ids.append(part)
+                continue
+            if self.normalization is not None:
+                part = nfc(part)
+            for sub in self._added.split(part, normalized=True, skip_special=split_special_tokens):
+                if type(sub) is int:
+                    ids.append(sub)
+                else:
+                    ids += self._encode_ordinary(sub)
+        return ids
+
+    def _encode_ordinary(self, text):
+        """Ids of text that holds no added token: regex pieces, each through the per-piece BPE cache."""
+        pieces = pretokenize(text)
+        if not text.isascii():
+            _check_encodable(text)
+        if self.add_prefix_space:  # the ByteLevel pre-tokenizer's option, applied to every piece
+            pieces = [p if p.startswith(" ") else " " + p for p in pieces]
+        cache = self._cache
+        missing = set(pieces).difference(cache)
+        if missing:
+            if len(cache) + len(missing) > CACHE_LIMIT:
+                cache.clear()
+            for piece in missing:
+                cache[piece] = self._bpe_ids(piece)
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def _bpe_ids(self, piece):
+        """Byte-level mapping and BPE of one piece (no cache): UTF-8 bytes -> ids of the one-character
+        tokens that stand for them (``to_byte_level`` then vocabulary lookup, folded into one table) ->
+        merges."""
+        ids = list(map(self._byte_ids.__getitem__, piece.encode("utf-8")))
+        if not self._full_alphabet:
+            ids = [i for i in ids if i is not None]
+        if len(ids) < 2:
+            return ids
+        return bpe(ids, self._merge_table)
+
+    def tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
+        """The tokens of `text` as strings of the byte-level alphabet.
+
+        >>> Qwen2Tokenizer.from_pretrained().tokenize("Hello world<|im_end|>")
+        ['Hello', 'Ġworld', '<|im_end|>']
+        """
+        ids = self(text, pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+        return [self._id_token(i) for i in ids]
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, conversation, **kwargs):
+        """Render (and by default tokenize) a conversation with the chat template; see qwen2np.chat_template."""
+        from ..chat_template import apply_chat_template  # the chat-template module, imported on use
+
+        return apply_chat_template(self, conversation, **kwargs)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(name_or_path='{self.name_or_path}', vocab_size={self.vocab_size}, "
+                f"model_max_length={self.model_max_length}, padding_side='{self.padding_side}', "
+                f"truncation_side='{self.truncation_side}', special_tokens={self.special_tokens_map}, "
+                f"added_tokens={len(self._added)})")
+
+
+# The second name transformers 4.x used for the Rust-backed class; in 5.x both are one class.
+Qwen2TokenizerFast = Qwen2Tokenizer
+
+
+def _check_encodable(text):
+    """Refuse lone surrogates (U+D800..U+DFFF), which UTF-8 cannot encode, naming where they are."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerInputError(
+            f"text: expected encodable Unicode, found a lone surrogate U+{ord(text[e.start]):04X} at index "
+            f"{e.start} of a segment") from None
+
+
+def load_bundled():
+    """The bundled tokenizer, loaded once per process (for the CLI and doctests)."""
+    global _BUNDLED
+    if _BUNDLED is None:
+        _BUNDLED = Qwen2Tokenizer.from_pretrained()
+    return _BUNDLED
+
+
+_BUNDLED = None
