@@ -31,6 +31,7 @@ _EXPORTS = {
     "DynamicCache": "qwen2np.cache",
     "GenerationConfig": "qwen2np.generation",
     "TextStreamer": "qwen2np.generation",
+    "TextIteratorStreamer": "qwen2np.generation",
     "trace": "qwen2np.tracing",
 }
 

@@ -167,7 +167,7 @@ class Qwen2PreTrainedModel:
         tensors = {n: np.ascontiguousarray(_to_numpy(a)) for n, a in tensors.items()}
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
-        generation = self.generation_config.to_dict() if self.generation_config is not None else None
+        generation = self.generation_config.to_diff_dict() if self.generation_config is not None else None
         save_hf_folder(folder, config, tensors, generation_config=generation, max_shard_bytes=max_shard_bytes)
 
     def to(self, name):

@@ -1,0 +1,239 @@
+"""Chat templates render exactly as transformers 5.24 renders them, and the sandbox holds.
+
+The oracle is transformers' own Qwen2Tokenizer loaded from the same files as qwen2np's bundled tokenizer
+(vocab.json, merges.txt, tokenizer_config.json), given the same template.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qwen2np
+from qwen2np.chat_template import apply_chat_template, get_json_schema
+from qwen2np.errors import ChatTemplateError
+
+# The Qwen2-Instruct template (Qwen2-0.5B/1.5B/7B/72B-Instruct tokenizer_config.json): one line, a default
+# system prompt, no tool support.
+QWEN2_INSTRUCT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather now in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "the city, e.g. Zürich"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "description": "The time", "parameters": {
+        "type": "object", "properties": {}}}},
+]
+
+CONVERSATIONS = {
+    "user only": [{"role": "user", "content": "Write a haiku about NumPy."}],
+    "system": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+    "several turns": [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Bonjour !"},
+        {"role": "user", "content": "How are you?\n\nReally?"},
+        {"role": "assistant", "content": "Très bien."},
+        {"role": "user", "content": "  spaces  "},
+    ],
+    "non-ascii": [{"role": "user", "content": "你好，世界 🌍 — naïve café ½ \u200b"},
+                  {"role": "assistant", "content": "こんにちは 👋🏽"}],
+    "tool calls": [
+        {"role": "user", "content": "Weather in Zürich and Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}},
+            {"type": "function", "function": {"name": "get_weather",
+                                              "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+        {"role": "tool", "name": "get_weather", "content": "{\"temp\": 21}"},
+        {"role": "tool", "name": "get_weather", "content": "18 °C"},
+        {"role": "assistant", "content": "Zürich 21 °C, Paris 18 °C."},
+        {"role": "user", "content": "Thanks"},
+    ],
+    "tool call with content": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"name": "now", "arguments": {}}]},
+        {"role": "tool", "content": "12:00"},
+    ],
+    "continue": [{"role": "user", "content": "Count to three"}, {"role": "assistant", "content": "One, two,"}],
+}
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return qwen2np.Qwen2Tokenizer.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def theirs(oracle, ours, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    ours.save_pretrained(folder)  # the same vocab, merges, added tokens and template
+    return oracle.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=["qwen2-instruct", "qwen2.5"])
+def template(request, ours):
+    return QWEN2_INSTRUCT_TEMPLATE if request.param == "qwen2-instruct" else ours.chat_template
+
+
+@pytest.mark.slow
+@pytest.mark.checkpoint
+def test_bundled_template_is_the_gguf_one(ours, test_gguf):
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(test_gguf))
+    field = reader.fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode("utf-8") == ours.chat_template
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_rendering_matches_transformers(ours, theirs, template, name, add_generation_prompt, with_tools):
+    conv = CONVERSATIONS[name]
+    kw = dict(chat_template=template, add_generation_prompt=add_generation_prompt,
+              tools=TOOLS if with_tools else None)
+    want = theirs.apply_chat_template(conv, tokenize=False, **kw)
+    got = ours.apply_chat_template(conv, tokenize=False, **kw)
+    assert got == want
+    want_ids = theirs.apply_chat_template(conv, **kw)
+    got_ids = ours.apply_chat_template(conv, **kw)
+    assert list(got_ids["input_ids"]) == list(want_ids["input_ids"])
+    assert list(got_ids["attention_mask"]) == list(want_ids["attention_mask"])
+    assert ours.apply_chat_template(conv, return_dict=False, **kw) == want_ids["input_ids"]
+
+
+@pytest.mark.oracle
+def test_continue_final_message_matches(ours, theirs, template):
+    conv = CONVERSATIONS["continue"]
+    want = theirs.apply_chat_template(conv, tokenize=False, continue_final_message=True, chat_template=template)
+    got = ours.apply_chat_template(conv, tokenize=False, continue_final_message=True, chat_template=template)
+    assert got == want and got.endswith("One, two,")
+    with pytest.raises(ChatTemplateError, match="not compatible"):
+        ours.apply_chat_template(conv, continue_final_message=True, add_generation_prompt=True)
+
+
+@pytest.mark.oracle
+def test_batched_conversations_match(ours, theirs, template):
+    batch = [CONVERSATIONS["system"], CONVERSATIONS["non-ascii"], CONVERSATIONS["user only"]]
+    kw = dict(chat_template=template, add_generation_prompt=True)
+    assert ours.apply_chat_template(batch, tokenize=False, **kw) == theirs.apply_chat_template(
+        batch, tokenize=False, **kw)
+    want = theirs.apply_chat_template(batch, padding=True, **kw)
+    got = ours.apply_chat_template(batch, padding=True, return_tensors="np", **kw)
+    assert isinstance(got["input_ids"], np.ndarray)
+    assert got["input_ids"].tolist() == want["input_ids"]
+    assert got["attention_mask"].tolist() == want["attention_mask"]
+
+
+@pytest.mark.oracle
+def test_python_function_tools_match(oracle, ours, theirs):
+    from transformers.utils import get_json_schema as hf_get_json_schema
+
+    def get_weather(city: str, unit: str = "celsius", days: list[int] | None = None) -> dict:
+        """
+        Get the weather forecast.
+
+        Args:
+            city: The city, e.g. Zürich
+            unit: The unit (choices: ["celsius", "fahrenheit"])
+            days: Which days ahead,
+                counted from today
+
+        Returns:
+            The forecast
+        """
+
+    assert get_json_schema(get_weather) == hf_get_json_schema(get_weather)
+    conv = CONVERSATIONS["user only"]
+    assert ours.apply_chat_template(conv, tools=[get_weather], tokenize=False) == theirs.apply_chat_template(
+        conv, tools=[get_weather], tokenize=False)
+
+
+@pytest.mark.oracle
+def test_documents_and_extra_context_match(ours, theirs):
+    template = ("{% for d in documents %}[{{ d.title }}] {{ d.text }}\n{% endfor %}{{ eos_token }}|{{ pad_token }}|"
+                "{{ who }}|{{ {'b': 1, 'a': 'é'} | tojson(sort_keys=True) }}|{{ 3 | tojson(indent=2) }}"
+                "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}")
+    docs = [{"title": "A", "text": "<b>&'x'</b>"}, {"title": "Ω", "text": "ü"}]
+    kw = dict(chat_template=template, documents=docs, who="Zoë", tokenize=False)
+    conv = CONVERSATIONS["several turns"]
+    assert ours.apply_chat_template(conv, **kw) == theirs.apply_chat_template(conv, **kw)
+
+
+def test_sandbox_blocks_python_internals(ours):
+    conv = CONVERSATIONS["user only"]
+    escapes = [
+        "{{ ''.__class__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__ }}",
+        "{{ raise_exception.__globals__ }}",
+        "{% set ns = namespace(__init__=1) %}",
+        "{% set ns = namespace() %}{% set ns._secret = 1 %}",
+        "{{ messages.append(1) }}",
+    ]
+    for template in escapes:
+        with pytest.raises(ChatTemplateError) as info:
+            ours.apply_chat_template(conv, chat_template=template, tokenize=False)
+        assert type(info.value.__cause__).__name__ == "SecurityError", template
+    assert ours.apply_chat_template(conv, tokenize=False) == ours.apply_chat_template(conv, tokenize=False)
+
+
+def test_template_errors_are_chat_template_errors(ours):
+    conv = CONVERSATIONS["user only"]
+    with pytest.raises(ChatTemplateError, match="raised an error: no tools here"):
+        ours.apply_chat_template(conv, chat_template="{{ raise_exception('no tools here') }}", tokenize=False)
+    with pytest.raises(ChatTemplateError, match="syntax error at line 1"):
+        ours.apply_chat_template(conv, chat_template="{% for %}", tokenize=False)
+    with pytest.raises(ChatTemplateError, match="empty conversation"):
+        ours.apply_chat_template([], tokenize=False)
+    with pytest.raises(ChatTemplateError, match="message 0"):
+        ours.apply_chat_template(["hello"], tokenize=False)
+    with pytest.raises(ChatTemplateError, match="strings"):  # content concatenated with + must be a str
+        ours.apply_chat_template([{"role": "user", "content": 3}], chat_template=QWEN2_INSTRUCT_TEMPLATE,
+                                 tokenize=False)
+
+
+def test_missing_and_named_templates():
+    class Tok:
+        special_tokens_map = {"eos_token": "</s>"}
+        chat_template = None
+
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        apply_chat_template(Tok(), CONVERSATIONS["user only"], tokenize=False)
+    Tok.chat_template = {"default": "D{{ eos_token }}", "tool_use": "T{{ tools | length }}"}
+    conv = CONVERSATIONS["user only"]
+    assert apply_chat_template(Tok(), conv, tokenize=False) == "D</s>"
+    assert apply_chat_template(Tok(), conv, tools=TOOLS, tokenize=False) == "T2"
+    assert apply_chat_template(Tok(), conv, chat_template="default", tools=TOOLS, tokenize=False) == "D</s>"
+    Tok.chat_template = {"a": "A", "b": "B"}
+    with pytest.raises(ChatTemplateError, match=r"\['a', 'b'\]"):
+        apply_chat_template(Tok(), conv, tokenize=False)
+    assert apply_chat_template(Tok(), conv, chat_template="b", tokenize=False) == "B"
+
+
+def test_strftime_now_and_none_values_dropped():
+    class Tok:
+        special_tokens_map = {}
+        chat_template = "{{ strftime_now('%Y') | length }}|{{ messages[0].content is defined }}"
+
+    # a None content is dropped (OpenAI-style messages), so the template sees it undefined
+    assert apply_chat_template(Tok(), [{"role": "assistant", "content": None}], tokenize=False) == "4|False"
+
+
+def test_saved_template_round_trip_through_json(ours, tmp_path):
+    ours.save_pretrained(tmp_path)
+    config = json.loads(Path(tmp_path, "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = config.get("chat_template")
+    if template is None:  # newer layout: chat_template.jinja beside the config
+        template = Path(tmp_path, "chat_template.jinja").read_text(encoding="utf-8")
+    assert template == ours.chat_template

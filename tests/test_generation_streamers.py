@@ -1,0 +1,91 @@
+"""Streamers: the text streamed equals the decoded ids, characters are never split, the protocol is
+transformers' (put the prompt, put each step, end)."""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen2np import Qwen2Tokenizer
+from qwen2np.errors import GenerationError
+from qwen2np.generation import TextIteratorStreamer, TextStreamer
+from qwen2np.generation.testing import TinyCountingLM
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Qwen2Tokenizer.from_pretrained()
+
+
+TEXTS = st.lists(st.sampled_from(list("ab ,\n") + ["你", "好", "😀", "é", "🇫🇷", "<|im_end|>", "ไทย"]),
+                 max_size=30).map("".join)
+
+
+@settings(max_examples=60)
+@given(prompt=TEXTS, answer=TEXTS, skip=st.booleans())
+def test_streamed_text_is_the_decoded_text(tok, prompt, answer, skip):
+    prompt_ids, answer_ids = tok.encode(prompt), tok.encode(answer)
+    pieces = []
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=skip, on_text=pieces.append)
+    streamer.put(np.array([prompt_ids], dtype=np.int64))
+    for i in answer_ids:  # one token per step, as generate puts them: [B] with B = 1
+        streamer.put(np.array([i], dtype=np.int64))
+    streamer.end()
+    assert "".join(pieces) == tok.decode(answer_ids, skip_special_tokens=skip)
+    if "\ufffd" not in tok.decode(answer_ids):
+        assert not any("\ufffd" in p for p in pieces)  # a character split over tokens is never halved
+
+
+def test_prompt_is_streamed_unless_skipped_and_stdout_gets_a_newline(tok, capsys):
+    streamer = TextStreamer(tok)
+    streamer.put(np.array([tok.encode("Hello")]))
+    streamer.put(np.array([1879]))
+    streamer.end()
+    assert capsys.readouterr().out == "Hello world\n"
+    # the streamer is ready for another generate call: the next first put is a prompt again
+    quiet = TextStreamer(tok, skip_prompt=True)
+    for _ in range(2):
+        quiet.put(np.array([tok.encode("Hello")]))
+        quiet.put(np.array([1879]))
+        quiet.end()
+    assert capsys.readouterr().out == " world\n world\n"
+
+
+def test_batches_are_refused(tok):
+    with pytest.raises(GenerationError, match="batch size 1, found 2 rows"):
+        TextStreamer(tok).put(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(TypeError, match="unsupported decode arguments"):
+        TextStreamer(tok, spaces_between_special_tokens=True)
+
+
+def test_generate_drives_the_streamer_protocol():
+    calls = []
+
+    class Recorder:
+        def put(self, value):
+            calls.append(("put", np.asarray(value).tolist()))
+
+        def end(self):
+            calls.append(("end",))
+
+    TinyCountingLM().generate([[1, 2]], max_new_tokens=3, streamer=Recorder())
+    assert calls == [("put", [[1, 2]]), ("put", [3]), ("put", [4]), ("put", [5]), ("end",)]
+
+
+def test_iterator_streamer_across_threads(tok):
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=30)
+    ids = tok.encode(" one two three")
+
+    def produce():
+        streamer.put(np.array([[9707]]))
+        for i in ids:
+            streamer.put(np.array([i]))
+        streamer.end()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text == " one two three"
