@@ -4,6 +4,8 @@ Shapes: B batch, T new positions, S key positions (past + new), D hidden size, H
 KV key/value heads, G = H // KV query heads per KV head, HD head dim.
 """
 
+import math
+
 from .layers import linear, softmax
 from .rope import apply_rope
 from .tracing import tap
@@ -28,12 +30,17 @@ def grouped_query_attention(q, k, v, bias, scaling, scope=None):
     # of one KV head as rows of one matrix reads each K and V once and copies neither (transformers'
     # repeat_kv materialises G copies).
     qg = q.reshape(B, KV, G * T, HD)                              # [B, H, T, HD] -> [B, KV, G*T, HD]
-    scores = qg @ k.swapaxes(-1, -2)                              # -> [B, KV, G*T, S]
-    scores *= scaling                                             # after the product, as transformers
+    if math.frexp(scaling)[0] == 0.5:
+        # a power of two (HD = 16, 64, 256) scales exactly, so scaling q (T·HD numbers) instead of the
+        # scores (T·S numbers) gives bitwise the same scores as transformers' (q kᵀ) · scaling
+        scores = (qg * qg.dtype.type(scaling)) @ k.swapaxes(-1, -2)   # -> [B, KV, G*T, S]
+    else:
+        scores = qg @ k.swapaxes(-1, -2)                          # -> [B, KV, G*T, S]
+        scores *= scaling                                         # after the product, as transformers
     scores = tap(scope, "scores", scores.reshape(B, H, T, S))     # -> [B, H, T, S]
     bias = tap(scope, "mask", bias)                               # [B, 1, T, S]: 0 or finfo.min
-    probs = scores + bias                                         # a new buffer, softmaxed in place
-    probs = tap(scope, "probs", softmax(probs, out=probs))        # [B, H, T, S]
+    scores += bias                                                # in place: this buffer becomes probs
+    probs = tap(scope, "probs", softmax(scores, out=scores))      # [B, H, T, S]
     context = probs.reshape(B, KV, G * T, S) @ v                  # -> [B, KV, G*T, HD]
     return context.reshape(B, H, T, HD), probs
 

@@ -41,10 +41,11 @@ def rms_norm(x, weight, eps):
 def silu(x):
     """x · sigmoid(x), also called swish. Qwen2's hidden_act."""
     xp = array_module(x)
+    e = xp.negative(x)
     with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 in float32: silu(x) is then -0, as it should be
-        e = xp.exp(-x)
-        e += 1
-        return xp.divide(x, e, out=e)   # x / (1 + exp(-x)), in one buffer
+        xp.exp(e, out=e)
+    e += 1
+    return xp.divide(x, e, out=e)       # x / (1 + exp(-x)), all in one new buffer
 
 
 def relu(x):
@@ -66,7 +67,8 @@ def swiglu_mlp(x, gate_proj, up_proj, down_proj, act=silu, scope=None):
     gate = tap(scope, "gate_proj", linear(x, gate_proj))   # [B, T, D] -> [B, T, F]
     up = tap(scope, "up_proj", linear(x, up_proj))         # [B, T, D] -> [B, T, F]
     h = tap(scope, "act", act(gate))                       # [B, T, F]
-    return tap(scope, "down_proj", linear(h * up, down_proj))   # [B, T, F] -> [B, T, D]
+    h *= up                                                # in place: h is a new buffer (or a trace's copy)
+    return tap(scope, "down_proj", linear(h, down_proj))   # [B, T, F] -> [B, T, D]
 
 
 def softmax(x, axis=-1, out=None):
