@@ -33,6 +33,9 @@ _EXPORTS = {
     "TextStreamer": "qwen2np.generation",
     "TextIteratorStreamer": "qwen2np.generation",
     "trace": "qwen2np.tracing",
+    "Trace": "qwen2np.tracing",
+    "zero_head": "qwen2np.tracing",
+    "patch_from": "qwen2np.tracing",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

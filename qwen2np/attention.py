@@ -6,12 +6,19 @@ KV key/value heads, G = H // KV query heads per KV head, HD head dim.
 
 import math
 
+from .backend import array_module
 from .layers import linear, softmax
 from .rope import apply_rope
+from .tracing import active as tracing_active
 from .tracing import tap
 
 
-def grouped_query_attention(q, k, v, bias, scaling, scope=None):
+# the scores of one forward pass are [B, H, T, S]; past this size, a long prompt is attended over in
+# blocks of query rows, so that a 32k-token prompt does not need 57 GB at once
+SCORES_BUDGET_BYTES = 1 << 28
+
+
+def grouped_query_attention(q, k, v, bias, scaling, scope=None, need_probs=True):
     """softmax(q kᵀ · scaling + bias) v, each KV head serving G consecutive query heads.
 
     q [B, H, T, HD], k and v [B, KV, S, HD], bias [B, 1, T, S] -> context [B, H, T, HD], probs [B, H, T, S]
@@ -23,6 +30,19 @@ def grouped_query_attention(q, k, v, bias, scaling, scope=None):
     >>> context[0, :, 0].tolist()    # equal scores: both heads average the 3 values of the one KV head
     [[2.0, 3.0], [2.0, 3.0]]
     """
+    B, H, T, HD = q.shape
+    S = k.shape[2]
+    rows = max(1, SCORES_BUDGET_BYTES // (B * H * S * q.dtype.itemsize))
+    if T > rows and not need_probs and not tracing_active():
+        # each query row's numbers are computed as in one piece; only the matrix products are cut
+        context = array_module(q).empty_like(q)                  # [B, H, T, HD]
+        for t in range(0, T, rows):
+            context[:, :, t:t + rows] = _attend(q[:, :, t:t + rows], k, v, bias[:, :, t:t + rows], scaling)[0]
+        return context, None
+    return _attend(q, k, v, bias, scaling, scope)
+
+
+def _attend(q, k, v, bias, scaling, scope=None):
     B, H, T, HD = q.shape
     KV, S = k.shape[1], k.shape[2]
     G = H // KV
@@ -45,8 +65,10 @@ def grouped_query_attention(q, k, v, bias, scaling, scope=None):
     return context.reshape(B, H, T, HD), probs
 
 
-def self_attention(x, p, cos, sin, bias, cache_layer, num_heads, num_kv_heads, head_dim, scope=None):
-    """The attention half of a decoder layer.  x [B, T, D] -> [B, T, D], probs [B, H, T, S]
+def self_attention(x, p, cos, sin, bias, cache_layer, num_heads, num_kv_heads, head_dim, scope=None,
+                   need_probs=True):
+    """The attention half of a decoder layer.  x [B, T, D] -> [B, T, D], probs [B, H, T, S] (or None
+    when not `need_probs` and the prompt was long enough to be attended over in blocks)
 
     `p` maps the checkpoint's names under `…self_attn.` (q_proj.weight, q_proj.bias, …) to arrays.
     """
@@ -63,7 +85,7 @@ def self_attention(x, p, cos, sin, bias, cache_layer, num_heads, num_kv_heads, h
     k = tap(scope, "k_rope", apply_rope(k, cos, sin))     # [B, KV, T, HD]
     if cache_layer is not None:  # the cache stores keys after RoPE
         k, v = cache_layer.update(k, v)                   # -> [B, KV, S, HD]
-    context, probs = grouped_query_attention(q, k, v, bias, head_dim ** -0.5, scope)
+    context, probs = grouped_query_attention(q, k, v, bias, head_dim ** -0.5, scope, need_probs)
     context = context.transpose(0, 2, 1, 3).reshape(B, T, H * HD)   # [B, H, T, HD] -> [B, T, H*HD]
     context = tap(scope, "context", context)
     return tap(scope, "o_proj", linear(context, p["o_proj.weight"])), probs   # -> [B, T, D]

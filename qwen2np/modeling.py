@@ -36,11 +36,11 @@ from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceC
                       TokenClassifierOutput)
 from .pretrained import Qwen2PreTrainedModel
 from .rope import RotaryEmbedding
-from .tracing import tap
+from .tracing import intermediate_names, tap
 from .weights import base_parameter_shapes, random_parameters
 
 
-def decoder_layer(x, w, cos, sin, bias, cache_layer, config, scope):
+def decoder_layer(x, w, cos, sin, bias, cache_layer, config, scope, output_attentions=True):
     """One Qwen2 block: attention, then MLP, each on a normalised copy of x and added back.
 
     x [B, T, D] -> [B, T, D], and the attention probabilities [B, H, T, S].
@@ -51,6 +51,7 @@ def decoder_layer(x, w, cos, sin, bias, cache_layer, config, scope):
     attn, probs = self_attention(
         h, w["self_attn"], cos, sin, bias, cache_layer,
         config.num_attention_heads, config.num_key_value_heads, config.head_dim, f"{scope}.self_attn",
+        need_probs=output_attentions,
     )
     x = x + attn                                                   # residual
     h = tap(scope, "post_attention_layernorm", rms_norm(x, w["post_attention_layernorm.weight"], eps))
@@ -82,16 +83,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
 
     def intermediate_names(self):
         """Every name `tap` uses in a forward pass, in order (docs/intermediates.md)."""
-        prefix = f"{self.scope}." if self.scope else ""
-        names = [f"{prefix}embed_tokens", f"{prefix}rotary_emb.cos", f"{prefix}rotary_emb.sin"]
-        for _, layer in self.layers:
-            names += [f"{layer}.input_layernorm"]
-            names += [f"{layer}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "q_rope", "k_rope",
-                                                          "scores", "mask", "probs", "context", "o_proj")]
-            names += [f"{layer}.post_attention_layernorm"]
-            names += [f"{layer}.mlp.{n}" for n in ("gate_proj", "up_proj", "act", "down_proj")]
-            names += [layer]
-        return names + [f"{prefix}norm"]
+        return intermediate_names(self.config.num_hidden_layers, self.scope, head=())
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
@@ -126,7 +118,8 @@ class Qwen2Model(Qwen2PreTrainedModel):
         attentions = [] if output_attentions else None
         for i, (w, scope) in enumerate(self.layers):
             cache_layer = cache.layers[i] if cache is not None else None
-            x, probs = decoder_layer(x, w, cos, sin, masks[config.layer_types[i]], cache_layer, config, scope)
+            x, probs = decoder_layer(x, w, cos, sin, masks[config.layer_types[i]], cache_layer, config, scope,
+                                     output_attentions)
             if output_hidden_states:
                 hidden_states.append(x)
             if output_attentions:

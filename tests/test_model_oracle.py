@@ -13,7 +13,8 @@ from qwen2np import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
 pytestmark = pytest.mark.oracle
 
-ATOL = 1e-5
+ATOL = 1e-5  # relative to the largest magnitude of the tensor compared (at least 1): float32 noise grows
+             # with the width and the weights drawn, and hypothesis draws both
 
 
 @st.composite
@@ -77,10 +78,13 @@ def transformers_twin(oracle, config_kwargs, seed):
 
 
 def masked_max_error(a, b, keep):
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))[np.broadcast_to(keep, a.shape)].max())
+    """Max abs error over the kept positions, divided by max(1, the largest magnitude of b there)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    keep = np.broadcast_to(keep, a.shape)
+    return float(np.abs(a - b)[keep].max() / max(1.0, np.abs(b[keep]).max()))
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(data=st.data())
 def test_forward_matches_transformers(oracle, data):
     import torch
@@ -96,15 +100,14 @@ def test_forward_matches_transformers(oracle, data):
     keep = mask.astype(bool)
     assert masked_max_error(out.logits, ref.logits.numpy(), keep[..., None]) <= ATOL
     for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
-        scale = max(1.0, float(np.abs(b.numpy()).max()))
-        assert masked_max_error(a, b.numpy(), keep[..., None]) <= ATOL * scale
+        assert masked_max_error(a, b.numpy(), keep[..., None]) <= ATOL
     for a, b in zip(out.attentions, ref.attentions, strict=True):
         assert masked_max_error(a, b.numpy(), keep[:, None, :, None]) <= ATOL
     if np.isfinite(ref.loss.item()):
         assert abs(float(out.loss) - ref.loss.item()) <= ATOL * max(1.0, abs(ref.loss.item()))
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(data=st.data())
 def test_cached_decoding_equals_full_forward(oracle, data):
     """Prefill then one token at a time through the cache gives the logits of one full forward pass,

@@ -181,3 +181,18 @@ def test_perturbing_one_weight(lm):
     model.load_state_dict({name: w}, strict=False)
     assert model.params[name][0, 0] == lm.params[name][0, 0] + 1
     assert not np.array_equal(model(ids()).logits, lm(ids()).logits)
+
+
+def test_long_prompts_are_attended_over_in_blocks(lm, monkeypatch):
+    """Past a size budget the scores are computed a block of query rows at a time: the same numbers."""
+    import qwen2np.attention
+
+    x = ids(2, 30)
+    mask = np.ones((2, 30), int)
+    mask[1, :4] = 0
+    whole = lm(x, attention_mask=mask).logits
+    monkeypatch.setattr(qwen2np.attention, "SCORES_BUDGET_BYTES", 2 * 6 * 30 * 4 * 7)  # 7 rows per block
+    blocked = lm(x, attention_mask=mask).logits
+    keep = mask.astype(bool)
+    assert np.abs(blocked - whole)[keep].max() <= 1e-5 * np.abs(whole).max()
+    assert lm(x, attention_mask=mask, output_attentions=True).attentions[0].shape == (2, 6, 30, 30)

@@ -22,23 +22,33 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming the command (exit status 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _module(name):
     return importlib.import_module(f"qwen2np.cli.{name.replace('-', '_')}")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="qwen2np", description="Qwen2 in pure NumPy.")
+    parser = _Parser(prog="qwen2np", description="Qwen2 in pure NumPy.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"qwen2np {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    subparsers = {}
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # only the chosen command's module is imported
-            _module(name).add_arguments(p)
-    args = parser.parse_args(argv)
+            _module(name).add_arguments(subparsers[name])
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would report a subcommand's unknown flags as the top-level command's
+        (subparsers.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help()
         return 2

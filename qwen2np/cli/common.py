@@ -15,19 +15,7 @@ DEFAULT_MAX_NEW_TOKENS = 512
 
 
 def add_common_arguments(parser):
-    """The flags of both commands; a bad flag prints one line (not argparse's usage block) and exits 2."""
-    parser.error = lambda message: _one_line_error(parser.prog, message)
-    # subtle: argparse hands a subcommand's unknown flags back to the top-level parser, which prints its
-    # usage block; refusing them here keeps the error on one line and names the subcommand.
-    parse_known = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        namespace, extras = parse_known(args, namespace)
-        if extras:
-            parser.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
-
-    parser.parse_known_args = parse_known_args
+    """The flags of both commands (a bad one is reported on one line by the dispatcher, qwen2np.cli)."""
     parser.add_argument("--model", default="test", metavar="PATH",
                         help="a Hugging Face folder, a .gguf file, `test` (the fetched test checkpoint) or a "
                              "hub id (default: test)")
@@ -42,11 +30,6 @@ def add_common_arguments(parser):
     parser.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise seen tokens (1.0: off)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of reproducible sampling (docs/sampling.md)")
     parser.add_argument("--system", metavar="TEXT", help="a system message (through the chat template)")
-
-
-def _one_line_error(prog, message):
-    print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
-    sys.exit(2)
 
 
 def generation_kwargs(args):

@@ -1,0 +1,253 @@
+"""Compare two dumps tensor by tensor, in forward order, and name the first tensor out of tolerance.
+
+Per tensor (docs/tolerances.md defines each):
+
+    max abs    max |A - B|
+    mean abs   mean |A - B|
+    rel        max |A - B| / max(max |A|, max |B|)      the number held to the tolerance
+    NMSE dB    10 log10( sum (A - B)^2 / sum B^2 )       B is the reference; None (-inf) when A == B
+    top-1/5    for logits: the share of positions whose best token (set of 5 best) is the same
+
+Only positions where the dumps' attention mask is 1 are compared (left padding is backend-dependent);
+the attention mask itself (`…self_attn.mask`) is compared as its pattern of allowed keys, since its
+masked value is finfo(dtype).min, which differs between float32 and float64.
+
+>>> import numpy as np
+>>> from qwen2np.golden.dump import new_dump
+>>> def dump(x):
+...     return new_dump(producer="example", dtype="float32", input_ids=[[1, 2]],
+...                     passes=[{"start": 0, "length": 2, "tensors": [("model.norm", x)]}])
+>>> a = np.ones((1, 2, 4), np.float32)
+>>> report = compare_dumps(dump(a), dump(a + np.float32(1e-3)))
+>>> report.ok, report.first_failure.name, f"{report.first_failure.rel:.1e}"
+(False, 'model.norm', '1.0e-03')
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import DumpError
+from ..tracing import position_axes
+from .fingerprint import differing_weights
+from .tolerances import policy_dtype, tolerance_for
+
+TOP_K = 5
+
+
+@dataclass
+class TensorComparison:
+    name: str
+    key: str
+    pass_index: int
+    shape: tuple
+    compared: int          # elements compared (after leaving out padding)
+    max_abs: float
+    mean_abs: float
+    rel: float
+    nmse_db: float | None  # None: no error at all (-inf dB)
+    tolerance: float
+    ok: bool
+    top1: float | None = None
+    top5: float | None = None
+
+
+@dataclass
+class Comparison:
+    a: object
+    b: object
+    tensors: list
+    only_in_a: list
+    only_in_b: list
+    notes: list
+
+    @property
+    def ok(self):
+        return all(t.ok for t in self.tensors)
+
+    @property
+    def first_failure(self):
+        return next((t for t in self.tensors if not t.ok), None)
+
+    def to_json(self):
+        """The comparison as JSON-ready values (an infinite error is the string "inf")."""
+        return _json_safe({
+            "ok": self.ok,
+            "first_failure": None if self.first_failure is None else self.first_failure.key,
+            "a": self.a.describe(), "b": self.b.describe(),
+            "tolerance_dtype": policy_dtype(self.a.dtype, self.b.dtype),
+            "tensors": [{**asdict(t), "shape": list(t.shape)} for t in self.tensors],
+            "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
+        })
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def compare_dumps(a, b, tolerances=None):
+    """Compare dump `a` with the reference dump `b`; `tolerances` is a list of (glob, value) overrides.
+
+    Refuses (DumpError) dumps of different token ids, attention masks, prompts, forward passes or shapes.
+    """
+    check_comparable(a, b)
+    mask = a.attention_mask
+    dtype = policy_dtype(a.dtype, b.dtype)
+    tensors, only_in_a, only_in_b = [], [], []
+    for index, p in enumerate(a.passes):
+        names_b = set(b.names(index))
+        for entry in p["tensors"]:
+            name = entry["name"]
+            if name not in names_b:
+                only_in_a.append(entry["key"])
+                continue
+            x, y = a[entry["key"]], b.tensor(name, index)
+            if x.shape != y.shape:
+                raise DumpError(f"{entry['key']}: shape {list(x.shape)} in {a.folder or 'A'} but "
+                                f"{list(y.shape)} in {b.folder or 'B'}; dumps of different shapes cannot be compared")
+            valid = valid_elements(name, x.shape, mask, p["start"], p["length"])
+            tensors.append(compare_tensor(name, entry["key"], index, x, y, valid,
+                                          tolerance_for(name, dtype, tolerances)))
+        only_in_b += [t["key"] for t in b.passes[index]["tensors"] if t["name"] not in set(a.names(index))]
+    if not tensors:
+        raise DumpError(f"the dumps have no tensor name in common ({a.describe()}; {b.describe()})")
+    return Comparison(a, b, tensors, only_in_a, only_in_b, notes(a, b))
+
+
+def check_comparable(a, b):
+    """Same token ids, attention mask, prompt and forward passes, or a DumpError that says which differs."""
+    where = f"{a.folder or 'A'} and {b.folder or 'B'}"
+    ids_a, ids_b = a.input_ids, b.input_ids
+    if ids_a.shape != ids_b.shape or not np.array_equal(ids_a, ids_b):
+        diff = "shapes " + f"{list(ids_a.shape)} vs {list(ids_b.shape)}" if ids_a.shape != ids_b.shape else \
+            f"first difference at [row, position] {np.argwhere(ids_a != ids_b)[0].tolist()}"
+        raise DumpError(f"{where} ran different token ids ({diff}); compare dumps of the same input")
+    mask_a = a.attention_mask if a.attention_mask is not None else np.ones_like(ids_a)
+    mask_b = b.attention_mask if b.attention_mask is not None else np.ones_like(ids_b)
+    if not np.array_equal(mask_a, mask_b):
+        raise DumpError(f"{where} ran different attention masks; compare dumps of the same input")
+    pa, pb = a.manifest.get("prompt"), b.manifest.get("prompt")
+    if pa is not None and pb is not None and (pa != pb or a.manifest.get("chat") != b.manifest.get("chat")):
+        raise DumpError(f"{where} record different prompts ({pa!r:.60} vs {pb!r:.60})")
+    spans_a = [(p["start"], p["length"]) for p in a.passes]
+    spans_b = [(p["start"], p["length"]) for p in b.passes]
+    if spans_a != spans_b:
+        raise DumpError(f"{where} split the input into different forward passes ((start, length): {spans_a} vs "
+                        f"{spans_b}); dump both with the same --decode-steps")
+
+
+def notes(a, b):
+    """What a reader should know: different configs or weights, different dtypes."""
+    out = []
+    ma, mb = a.manifest.get("model") or {}, b.manifest.get("model") or {}
+    if ma.get("config_fingerprint") and mb.get("config_fingerprint") and \
+            ma["config_fingerprint"] != mb["config_fingerprint"]:
+        fields = [k for k in (ma.get("config") or {}) if (ma.get("config") or {}).get(k) != (mb.get("config") or {}).get(k)]
+        out.append(f"the model configs differ (fingerprints differ; fields: {', '.join(fields) or '?'})")
+    wa, wb = ma.get("weights_fingerprint"), mb.get("weights_fingerprint")
+    if wa and wb and wa.get("method") == wb.get("method") and wa.get("digest") != wb.get("digest"):
+        names = differing_weights(wa, wb)
+        out.append(f"the weights differ: {len(names)} of them ({', '.join(names[:5])}{', …' * (len(names) > 5)})")
+    if a.dtype != b.dtype:
+        out.append(f"dtypes differ ({a.dtype} vs {b.dtype}): the {policy_dtype(a.dtype, b.dtype)} tolerances apply")
+    return out
+
+
+def valid_elements(name, shape, mask, start, length):
+    """Boolean [shape] of the elements at real (not padding) positions, or None when all are."""
+    if mask is None or mask.all():
+        return None
+    t_axis, s_axis = position_axes(name, len(shape))
+    if t_axis is None or shape[0] != mask.shape[0] or shape[t_axis] > length:
+        return None  # no position axis, or rows shared by the batch (RoPE tables): nothing depends on padding
+    seen = mask[:, :start + length].astype(bool)                         # [B, past + T]
+    keep = _along(seen[:, start:][:, seen.shape[1] - start - shape[t_axis]:], t_axis, len(shape))
+    if s_axis is not None:  # key positions: the last S positions seen so far (a sliding layer keeps fewer)
+        keep = keep & _along(seen[:, -shape[s_axis]:], s_axis, len(shape))
+    return np.broadcast_to(keep, shape)
+
+
+def _along(rows, axis, ndim):
+    """[B, N] -> broadcastable [B, 1, …, N (at `axis`), 1, …]."""
+    shape = [rows.shape[0]] + [1] * (ndim - 1)
+    shape[axis] = rows.shape[1]
+    return rows.reshape(shape)
+
+
+def compare_tensor(name, key, pass_index, x, y, valid, tolerance):
+    """The metrics of one tensor (x from A, y from the reference B) over the `valid` elements."""
+    is_mask = name.rsplit(".", 1)[-1] == "mask"
+    if is_mask:  # compare which keys are allowed, not the value standing for "masked"
+        x, y = (x == 0).astype(np.float64), (y == 0).astype(np.float64)
+    top1 = top5 = None
+    if name.rsplit(".", 1)[-1] == "logits" and x.ndim >= 2:
+        top1, top5 = top_k_agreement(x, y, None if valid is None else valid[..., 0])
+    xs = np.asarray(x if valid is None else x[valid], dtype=np.float64).reshape(-1)
+    ys = np.asarray(y if valid is None else y[valid], dtype=np.float64).reshape(-1)
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    if not finite.all():
+        if not np.array_equal(xs[~finite], ys[~finite], equal_nan=True):  # inf or NaN on one side only
+            return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape),
+                                    compared=int(xs.size), max_abs=math.inf, mean_abs=math.inf, rel=math.inf,
+                                    nmse_db=math.inf, tolerance=tolerance, ok=False, top1=top1, top5=top5)
+        xs, ys = xs[finite], ys[finite]     # the same inf or NaN on both sides: compare the rest
+    err = np.abs(xs - ys)
+    max_abs = float(err.max()) if err.size else 0.0
+    scale = max(float(np.abs(xs).max()), float(np.abs(ys).max())) if err.size else 0.0
+    rel = 0.0 if max_abs == 0 else max_abs / scale
+    energy_err, energy_ref = float((err * err).sum()), float((ys * ys).sum())
+    nmse_db = None if energy_err == 0 else (10 * math.log10(energy_err / energy_ref) if energy_ref > 0 else math.inf)
+    return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape), compared=int(xs.size),
+                            max_abs=max_abs, mean_abs=float(err.mean()) if err.size else 0.0, rel=rel,
+                            nmse_db=nmse_db, tolerance=tolerance, ok=bool(rel <= tolerance), top1=top1, top5=top5)
+
+
+def top_k_agreement(x, y, valid_rows=None, k=TOP_K):
+    """(share of rows with the same argmax, share with the same set of k best) over the last axis."""
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    if valid_rows is not None:
+        rows = np.asarray(valid_rows).reshape(-1)
+        x, y = x[rows], y[rows]
+    if x.shape[0] == 0:
+        return None, None
+    top1 = float((x.argmax(-1) == y.argmax(-1)).mean())
+    k = min(k, x.shape[-1])
+    best_x = np.sort(np.argpartition(-x, k - 1, axis=-1)[:, :k], axis=-1)
+    best_y = np.sort(np.argpartition(-y, k - 1, axis=-1)[:, :k], axis=-1)
+    return top1, float((best_x == best_y).all(-1).mean())
+
+
+def format_report(comparison, brief=False):
+    """The text report: a header, one line per tensor (only the failures when `brief`), and a verdict."""
+    lines = [f"A: {comparison.a.describe()}", f"B: {comparison.b.describe()}  (reference)"]
+    lines += [f"note: {n}" for n in comparison.notes]
+    width = max(len(t.key) for t in comparison.tensors)
+    lines.append(f"{'tensor':<{width}}  {'max abs':>9}  {'mean abs':>9}  {'rel':>9}  {'NMSE dB':>8}  {'tolerance':>9}")
+    for t in comparison.tensors:
+        if brief and t.ok:
+            continue
+        nmse = "exact" if t.nmse_db is None else f"{t.nmse_db:8.1f}"
+        line = (f"{t.key:<{width}}  {t.max_abs:9.2e}  {t.mean_abs:9.2e}  {t.rel:9.2e}  {nmse:>8}  "
+                f"{t.tolerance:9.1e}  {'ok' if t.ok else 'OUT OF TOLERANCE'}")
+        if t.top1 is not None:
+            line += f"  top-1 {100 * t.top1:.1f}%  top-{TOP_K} {100 * t.top5:.1f}%"
+        lines.append(line)
+    if comparison.only_in_a or comparison.only_in_b:
+        lines.append(f"not compared: {len(comparison.only_in_a)} tensors only in A, {len(comparison.only_in_b)} only in B "
+                     f"(e.g. {', '.join((comparison.only_in_a + comparison.only_in_b)[:3])})")
+    failures = [t for t in comparison.tensors if not t.ok]
+    if failures:
+        first = failures[0]
+        lines.append(f"FAIL: {len(failures)} of {len(comparison.tensors)} tensors out of tolerance; the first, in "
+                     f"forward order, is {first.key} (rel {first.rel:.2e} > {first.tolerance:.1e})")
+    else:
+        lines.append(f"ok: all {len(comparison.tensors)} tensors within tolerance")
+    return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""The dump format: named intermediate tensors of one or more forward passes, as a folder of two files.
+
+    manifest.json          what was run (prompt, token ids, attention mask, model fingerprints, dtype,
+                           versions) and every tensor's name, key, shape and dtype, per forward pass, in
+                           forward order
+    tensors.safetensors    the tensors; the key of a tensor is its name in the first forward pass and
+                           "{name}@{k}" in forward pass k >= 1 (decode steps)
+
+docs/dump-format.md specifies it for readers and writers in any language; `qwen2np dump` and
+scripts/dump_transformers.py write it, `qwen2np compare` reads two.
+
+>>> import tempfile, numpy as np
+>>> dump = new_dump(producer="example", dtype="float32", input_ids=[[1, 2, 3]],
+...                 passes=[{"start": 0, "length": 3, "tensors": [("logits", np.zeros((1, 3, 5), np.float32))]}])
+>>> folder = write_dump(dump, tempfile.mkdtemp())
+>>> again = read_dump(folder)
+>>> again.names(), again["logits"].shape, again.manifest["input_ids"]
+(['logits'], (1, 3, 5), [[1, 2, 3]])
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, DumpError
+
+FORMAT = "qwen2np-dump"
+FORMAT_VERSION = 1
+MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
+
+
+def tensor_key(name, pass_index):
+    """The safetensors key of intermediate `name` in forward pass `pass_index` (0 is the prefill).
+
+    >>> tensor_key("logits", 0), tensor_key("logits", 2)
+    ('logits', 'logits@2')
+    """
+    return name if pass_index == 0 else f"{name}@{pass_index}"
+
+
+def plan_passes(num_positions, decode_steps=0):
+    """(start, length) of each forward pass: a prefill of all but the last `decode_steps` positions, then
+    one pass per remaining position (fed one at a time through the KV cache).
+
+    >>> plan_passes(5), plan_passes(5, decode_steps=2)
+    ([(0, 5)], [(0, 3), (3, 1), (4, 1)])
+    """
+    if not 0 <= decode_steps < num_positions:
+        raise DumpError(f"decode_steps must be in [0, {num_positions - 1}] for a prompt of {num_positions} "
+                        f"tokens (the prefill needs at least one), found {decode_steps}")
+    prefill = num_positions - decode_steps
+    return [(0, prefill)] + [(t, 1) for t in range(prefill, num_positions)]
+
+
+class Dump:
+    """A dump in memory: its manifest (a dict, as in manifest.json) and its tensors by safetensors key."""
+
+    def __init__(self, manifest, tensors, folder=None):
+        self.manifest = manifest
+        self.tensors = tensors
+        self.folder = folder
+
+    @property
+    def passes(self):
+        return self.manifest["passes"]
+
+    @property
+    def dtype(self):
+        return self.manifest["dtype"]
+
+    @property
+    def input_ids(self):
+        return np.array(self.manifest["input_ids"], dtype=np.int64)                  # [B, N]
+
+    @property
+    def attention_mask(self):
+        mask = self.manifest.get("attention_mask")
+        return None if mask is None else np.array(mask, dtype=np.int64)             # [B, N]
+
+    def names(self, pass_index=0):
+        """The intermediate names of one forward pass, in forward order."""
+        return [t["name"] for t in self.passes[pass_index]["tensors"]]
+
+    def entries(self):
+        """(pass index, tensor entry of the manifest) for every tensor, in forward order, pass by pass."""
+        return [(i, t) for i, p in enumerate(self.passes) for t in p["tensors"]]
+
+    def tensor(self, name, pass_index=0):
+        return self[tensor_key(name, pass_index)]
+
+    def __getitem__(self, key):
+        if key not in self.tensors:
+            raise DumpError(f"{key}: not in the dump{f' at {self.folder}' if self.folder else ''}; it holds "
+                            f"{len(self.tensors)} tensors, e.g. {', '.join(list(self.tensors)[:3])}")
+        return self.tensors[key]
+
+    def describe(self):
+        """One line: where it is, who made it, dtype, batch and positions."""
+        B, N = np.shape(self.manifest["input_ids"])
+        return (f"{self.folder or '(in memory)'}: {self.manifest.get('producer', '?')}, {self.dtype}, "
+                f"B={B}, {N} positions in {len(self.passes)} forward pass{'es' * (len(self.passes) != 1)}")
+
+
+def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=None, chat=False,
+             versions=None, model=None, options=None):
+    """Build a Dump from the tensors of each forward pass.
+
+    `passes` is a list of {"start", "length", "tensors": [(name, array), …] in forward order}; `model` is
+    {"path", "class", "config", "config_fingerprint", "weights_fingerprint"} (docs/dump-format.md).
+    """
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "producer": producer,
+        "versions": versions or {},
+        "model": model or {},
+        "dtype": np.dtype(dtype).name,
+        "prompt": prompt,
+        "chat": bool(chat),
+        "input_ids": np.asarray(input_ids).astype(np.int64).tolist(),
+        "attention_mask": None if attention_mask is None else np.asarray(attention_mask).astype(np.int64).tolist(),
+        "options": options or {},
+        "passes": [],
+    }
+    tensors = {}
+    for index, p in enumerate(passes):
+        entries = []
+        for name, array in p["tensors"]:
+            key = tensor_key(name, index)
+            tensors[key] = array
+            entries.append({"name": name, "key": key, "shape": list(array.shape), "dtype": array.dtype.name})
+        manifest["passes"].append({"start": int(p["start"]), "length": int(p["length"]), "tensors": entries})
+    dump = Dump(manifest, tensors)
+    check_dump(dump, "new_dump")
+    return dump
+
+
+def write_dump(dump, folder):
+    """Write `dump` into `folder` (created if needed): the tensors first, the manifest last, each file
+    under a temporary name then renamed, so a manifest present means a complete dump. Returns the folder."""
+    from ..io.safetensors_file import write_safetensors
+
+    folder = Path(folder)
+    check_dump(dump, str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / TENSORS, dump.tensors, metadata={"qwen2np_dump": str(FORMAT_VERSION)})
+    tmp = folder / f"{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(manifest_text(dump.manifest), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+    dump.folder = folder
+    return folder
+
+
+def manifest_text(manifest):
+    """manifest.json's text: indented JSON, with one line per tensor entry so that it stays readable."""
+    head = json.dumps({k: v for k, v in manifest.items() if k != "passes"}, indent=1, ensure_ascii=False)
+    passes = ",\n".join(
+        "  {" + f'"start": {p["start"]}, "length": {p["length"]}, "tensors": [\n   '
+        + ",\n   ".join(json.dumps(t, ensure_ascii=False) for t in p["tensors"]) + "\n  ]}"
+        for p in manifest["passes"])
+    return head[:-2] + ',\n "passes": [\n' + passes + "\n ]\n}\n"
+
+
+def read_dump(folder):
+    """Read and check a dump folder; the tensors are memory-mapped (read-only)."""
+    from ..io.safetensors_file import SAFETENSORS_DTYPES, load_safetensors, read_safetensors_header
+
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        what = "no such folder" if not folder.exists() else f"no {MANIFEST} in it"
+        raise DumpError(f"{folder}: not a dump ({what}); `qwen2np dump --out {folder}` writes one")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DumpError(f"{folder / MANIFEST}: not valid JSON ({e})") from e
+    check_manifest(manifest, str(folder / MANIFEST))
+    try:
+        header = read_safetensors_header(folder / TENSORS)
+        stored = {e.name: (e.dtype, e.shape) for e in header.entries}
+        tensors = {}
+        for dtype in {SAFETENSORS_DTYPES[d].name for d, _ in stored.values()}:
+            loaded = load_safetensors(folder / TENSORS, dtype=dtype, header=header)
+            tensors.update({k: a for k, a in loaded.items() if SAFETENSORS_DTYPES[stored[k][0]].name == dtype})
+    except (CheckpointError, OSError) as e:
+        raise DumpError(f"{folder / TENSORS}: cannot read the tensors of the dump: {e}") from e
+    dump = Dump(manifest, tensors, folder)
+    check_dump(dump, str(folder))
+    return dump
+
+
+def check_manifest(manifest, where):
+    """Raise DumpError, naming the field, unless `manifest` has the structure docs/dump-format.md specifies."""
+
+    def fail(field, expected, found):
+        raise DumpError(f"{where}: {field}: expected {expected}, found {found!r}"[:600])
+
+    if not isinstance(manifest, dict):
+        fail("the manifest", "a JSON object", type(manifest).__name__)
+    if manifest.get("format") != FORMAT:
+        fail("format", repr(FORMAT), manifest.get("format"))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        fail("format_version", f"{FORMAT_VERSION} (this qwen2np reads version {FORMAT_VERSION})",
+             manifest.get("format_version"))
+    if manifest.get("dtype") not in ("float32", "float64"):
+        fail("dtype", "'float32' or 'float64'", manifest.get("dtype"))
+    ids = manifest.get("input_ids")
+    if (not isinstance(ids, list) or not ids or not all(isinstance(r, list) and r for r in ids)
+            or len({len(r) for r in ids}) != 1
+            or not all(isinstance(i, int) and not isinstance(i, bool) for r in ids for i in r)):
+        fail("input_ids", "a non-empty list of equally long, non-empty lists of integers [B][N]", ids)
+    B, N = len(ids), len(ids[0])
+    mask = manifest.get("attention_mask")
+    if mask is not None and (not isinstance(mask, list) or len(mask) != B
+                             or any(not isinstance(r, list) or len(r) != N or any(v not in (0, 1) for v in r)
+                                    for r in mask)):
+        fail("attention_mask", f"null or [B][N] = [{B}][{N}] zeros and ones, like input_ids", mask)
+    passes = manifest.get("passes")
+    if not isinstance(passes, list) or not passes:
+        fail("passes", "a non-empty list", passes)
+    position = 0
+    for i, p in enumerate(passes):
+        if not isinstance(p, dict) or p.get("start") != position or not isinstance(p.get("length"), int) \
+                or p["length"] < 1:
+            fail(f"passes[{i}]", f"an object with start = {position} (where the previous pass ended) and "
+                                 f"length >= 1", p if not isinstance(p, dict) else {k: p.get(k) for k in ("start", "length")})
+        position += p["length"]
+        tensors = p.get("tensors")
+        if not isinstance(tensors, list):
+            fail(f"passes[{i}].tensors", "a list", tensors)
+        seen = set()
+        for j, t in enumerate(tensors):
+            ok = (isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("key") == tensor_key(t["name"], i)
+                  and isinstance(t.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in t["shape"])
+                  and isinstance(t.get("dtype"), str))
+            if not ok:
+                fail(f"passes[{i}].tensors[{j}]", f'{{"name", "key" (the name, or name@{i} after the first pass), '
+                                                  f'"shape", "dtype"}}', t)
+            if t["name"] in seen:
+                fail(f"passes[{i}].tensors[{j}].name", "a name not listed before in this pass", t["name"])
+            seen.add(t["name"])
+    if position != N:
+        fail("passes", f"forward passes covering the {N} positions of input_ids", f"passes covering {position}")
+
+
+def check_dump(dump, where):
+    """The manifest is well formed and lists exactly the tensors there are, with their shapes and dtypes."""
+    check_manifest(dump.manifest, where)
+    listed = set()
+    for _, t in dump.entries():
+        listed.add(t["key"])
+        if t["key"] not in dump.tensors:
+            raise DumpError(f"{where}: {t['key']}: listed in {MANIFEST} but not in {TENSORS}")
+        array = dump.tensors[t["key"]]
+        if list(array.shape) != t["shape"] or array.dtype.name != t["dtype"]:
+            raise DumpError(f"{where}: {t['key']}: {MANIFEST} says {t['shape']} {t['dtype']}, "
+                            f"{TENSORS} holds {list(array.shape)} {array.dtype.name}")
+    extra = sorted(set(dump.tensors) - listed)
+    if extra:
+        raise DumpError(f"{where}: {TENSORS} holds {len(extra)} tensors {MANIFEST} does not list, "
+                        f"e.g. {extra[0]}")

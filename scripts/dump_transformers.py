@@ -1,0 +1,305 @@
+#!/usr/bin/env python
+"""The transformers 5.24.0 side of a golden dump: the flags, names and format of `qwen2np dump`.
+
+    python scripts/dump_transformers.py --model PATH --prompt "..." --out DIR [--dtype float64]
+        [--float64-everywhere] [--include GLOB ...] [--ids IDS] [--chat] [--decode-steps N] [--tokenizer PATH]
+
+PATH is a Hugging Face folder or a .gguf file (loaded with `gguf_file=`, dequantized to float32 by
+transformers itself). The model runs with eager attention, in float32, or in float64 (converted after
+loading, which is exact). qwen2np must never import torch or transformers, so this side lives here.
+
+How each name of docs/intermediates.md is captured:
+
+* forward hooks on modules: `model.embed_tokens`, `model.rotary_emb` (its (cos, sin) output),
+  `…input_layernorm`, `…self_attn.{q,k,v,o}_proj`, `…post_attention_layernorm`, `…mlp.{gate,up,down}_proj`,
+  `…mlp.act_fn` (named `…mlp.act`), the decoder layers `model.layers.{l}`, `model.norm`, `lm_head` (`logits`);
+  a pre-hook on `o_proj` gives its input, `…self_attn.context`.
+* for the duration of the dump, modeling_qwen2's `apply_rotary_pos_emb` is wrapped (its outputs are
+  `q_rope`, `k_rope`), and its `eager_attention_forward` is replaced by `eager_attention` below: the same
+  lines, recording `scores`, `mask` and `probs`. Every call is checked bit for bit against the function
+  it replaces, so the dump is what transformers computes.
+
+`--float64-everywhere` lifts transformers' three float32 islands of a "float64" model (docs/float64.md):
+Qwen2RMSNorm upcasts to float32, eager attention runs softmax in float32, and the rotary embedding
+computes inv_freq, the angles, cos and sin in float32. With it, they run in float64 too.
+"""
+
+import argparse
+import contextlib
+import fnmatch
+import functools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from torch import nn
+from transformers.models.qwen2 import modeling_qwen2
+
+from qwen2np.cli.dump import FINGERPRINT_METHODS, add_arguments, include_patterns, inputs_from_args
+from qwen2np.errors import DumpError, IntermediateNameError, Qwen2npError
+from qwen2np.golden.dump import new_dump, plan_passes, write_dump
+from qwen2np.golden.fingerprint import architecture, config_fingerprint, weights_fingerprint
+from qwen2np.tracing import intermediate_names
+
+_ORIGINAL_EAGER = modeling_qwen2.eager_attention_forward
+_ORIGINAL_ROPE = modeling_qwen2.apply_rotary_pos_emb
+
+
+# -- transformers' eager attention, line for line, with the three names it does not expose -----------
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, record=None,
+                    softmax_dtype=torch.float32, **kwargs):
+    """modeling_qwen2.eager_attention_forward (5.24.0), calling `record(name, tensor)` on the way."""
+    key_states = modeling_qwen2.repeat_kv(key, module.num_key_value_groups)
+    value_states = modeling_qwen2.repeat_kv(value, module.num_key_value_groups)
+
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if record is not None:
+        record("scores", attn_weights)
+        B, _, T, S = attn_weights.shape
+        mask = torch.zeros((B, 1, T, S), dtype=query.dtype) if attention_mask is None else attention_mask
+        record("mask", mask.expand(B, 1, T, S))
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+
+    # subtle: transformers runs this softmax in float32 even in a float64 model (softmax_dtype lifts it)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    if record is not None:
+        record("probs", attn_weights)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+
+    return attn_output, attn_weights
+
+
+# -- float64 everywhere -------------------------------------------------------------------------------
+
+
+def rms_norm_float64(self, hidden_states):
+    """Qwen2RMSNorm.forward with the statistics in the input dtype when it is float64 (transformers: float32)."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def rotary_float64(self, x, position_ids):
+    """Qwen2RotaryEmbedding.forward with inv_freq, the angles, cos and sin in float64 (default RoPE only)."""
+    if self.rope_type != "default":
+        raise NotImplementedError(f"--float64-everywhere supports the default RoPE, not {self.rope_type!r}")
+    base = self.config.rope_parameters["rope_theta"]
+    dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+@contextlib.contextmanager
+def float64_everywhere():
+    """Within: a float64 transformers Qwen2 computes RMSNorm, the attention softmax and RoPE in float64."""
+    saved = (modeling_qwen2.Qwen2RMSNorm.forward, modeling_qwen2.Qwen2RotaryEmbedding.forward,
+             modeling_qwen2.eager_attention_forward)
+    modeling_qwen2.Qwen2RMSNorm.forward = rms_norm_float64
+    modeling_qwen2.Qwen2RotaryEmbedding.forward = rotary_float64
+    modeling_qwen2.eager_attention_forward = functools.partial(eager_attention, softmax_dtype=None)
+    try:
+        yield
+    finally:
+        (modeling_qwen2.Qwen2RMSNorm.forward, modeling_qwen2.Qwen2RotaryEmbedding.forward,
+         modeling_qwen2.eager_attention_forward) = saved
+
+
+# -- recording ----------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Hooks and wrappers that record the intermediates of a transformers Qwen2ForCausalLM by qwen2np name."""
+
+    def __init__(self, model, patterns):
+        self.model = model
+        self.patterns = list(patterns)
+        self.passes = []       # one {name: array} per forward pass
+        self.scope = None      # the `…self_attn` whose forward is running
+        known = intermediate_names(model.config.num_hidden_layers)
+        self.order = {n: i for i, n in enumerate(known)}
+        for p in self.patterns:
+            if not fnmatch.filter(known, p):
+                raise IntermediateNameError(f"--include {p!r} matches no intermediate; names look like {known[3]!r}")
+
+    def record(self, name, tensor):
+        if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
+            self.passes[-1][name] = tensor.detach().cpu().numpy().copy()
+
+    def new_pass(self):
+        self.passes.append({})
+
+    def ordered(self, index):
+        """(name, array) of forward pass `index`, in qwen2np's forward order."""
+        recorded = self.passes[index]
+        return sorted(recorded.items(), key=lambda item: self.order.get(item[0], len(self.order)))
+
+    @contextlib.contextmanager
+    def installed(self):
+        handles = []
+        for module_name, module in self.model.named_modules():
+            handles += self._hooks(module_name, module)
+        previous_eager = modeling_qwen2.eager_attention_forward
+        softmax_dtype = getattr(previous_eager, "keywords", {}).get("softmax_dtype", torch.float32)
+        modeling_qwen2.eager_attention_forward = functools.partial(self._attention, previous_eager, softmax_dtype)
+        modeling_qwen2.apply_rotary_pos_emb = self._rope
+        try:
+            yield self
+        finally:
+            modeling_qwen2.eager_attention_forward = previous_eager
+            modeling_qwen2.apply_rotary_pos_emb = _ORIGINAL_ROPE
+            for h in handles:
+                h.remove()
+
+    def _hooks(self, module_name, module):
+        def output_as(name):
+            return lambda mod, args, out: self.record(name, out)
+
+        last = module_name.rsplit(".", 1)[-1]
+        if module_name == "model.rotary_emb":
+            def rotary(mod, args, out):
+                self.record("model.rotary_emb.cos", out[0])
+                self.record("model.rotary_emb.sin", out[1])
+            return [module.register_forward_hook(rotary)]
+        if module_name == "lm_head":
+            return [module.register_forward_hook(output_as("logits"))]
+        if last == "self_attn":
+            def enter(mod, args):
+                self.scope = module_name
+            return [module.register_forward_pre_hook(enter)]
+        if last == "o_proj":
+            return [module.register_forward_pre_hook(lambda mod, args: self.record(f"{module_name[:-7]}.context", args[0])),
+                    module.register_forward_hook(output_as(module_name))]
+        if last == "act_fn":
+            return [module.register_forward_hook(output_as(module_name[:-len("act_fn")] + "act"))]
+        if module_name in ("model.embed_tokens", "model.norm") or module_name.startswith("model.layers.") and (
+                last.isdigit() or last in ("input_layernorm", "post_attention_layernorm", "q_proj", "k_proj",
+                                           "v_proj", "gate_proj", "up_proj", "down_proj")):
+            return [module.register_forward_hook(output_as(module_name))]
+        return []
+
+    def _rope(self, q, k, cos, sin, *args, **kwargs):
+        q_embed, k_embed = _ORIGINAL_ROPE(q, k, cos, sin, *args, **kwargs)
+        self.record(f"{self.scope}.q_rope", q_embed)
+        self.record(f"{self.scope}.k_rope", k_embed)
+        return q_embed, k_embed
+
+    def _attention(self, previous, softmax_dtype, module, query, key, value, attention_mask, scaling,
+                   dropout=0.0, **kwargs):
+        scope = f"model.layers.{module.layer_idx}.self_attn"
+        out = eager_attention(module, query, key, value, attention_mask, scaling, dropout,
+                              record=lambda name, t: self.record(f"{scope}.{name}", t),
+                              softmax_dtype=softmax_dtype, **kwargs)
+        expected = previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        # subtle: in a stock float64 model, finfo(float64).min becomes -inf in the float32 softmax, so fully
+        # padded query rows are NaN on both sides: equal means bit for bit, NaN where the other is NaN
+        same = all(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True) for x, y in zip(out, expected))
+        if not same:
+            raise RuntimeError(f"{scope}: the recording copy of eager attention differs from transformers' own; "
+                               f"transformers {transformers.__version__} changed eager_attention_forward?")
+        return out
+
+
+# -- the dump -----------------------------------------------------------------------------------------
+
+
+def load_model(path, dtype="float32"):
+    """transformers' Qwen2ForCausalLM from a folder or a .gguf file, eager attention, in `dtype`."""
+    path = Path(path)
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    if path.suffix == ".gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if dtype == "float64":
+        model = model.to(torch.float64)   # exact: every float32 value is a float64 value
+    return model.eval()
+
+
+def load_tokenizer(path):
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def versions():
+    import qwen2np
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "qwen2np": qwen2np.__version__,
+            "numpy": np.__version__}
+
+
+def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_steps=0, prompt=None, chat=False,
+                model_path=None, fingerprint="sha256-f32", float64_all=False):
+    """The transformers counterpart of qwen2np.golden.record.record_dump: the same passes, names, format."""
+    ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+    mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
+    plan = plan_passes(ids.shape[1], decode_steps)
+    recorder = Recorder(model, include)
+    lifted = float64_everywhere() if float64_all else contextlib.nullcontext()
+    with torch.no_grad(), lifted, recorder.installed():
+        cache = None
+        for start, length in plan:
+            end = start + length
+            recorder.new_pass()
+            out = model(input_ids=ids[:, start:end], attention_mask=None if mask is None else mask[:, :end],
+                        cache=cache, use_cache=len(plan) > 1)
+            cache = out.cache
+    passes = [{"start": s, "length": n, "tensors": recorder.ordered(i)} for i, (s, n) in enumerate(plan)]
+    dtype = {torch.float32: "float32", torch.float64: "float64"}[model.dtype]
+    weights = None
+    if fingerprint is not None:
+        weights = weights_fingerprint({n: t.detach().cpu().numpy() for n, t in model.state_dict().items()}, fingerprint)
+    description = {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
+                   "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
+                   "weights_fingerprint": weights}
+    return new_dump(producer=f"transformers {transformers.__version__} (scripts/dump_transformers.py)",
+                    versions=versions(), dtype=dtype, input_ids=ids.numpy(), attention_mask=attention_mask,
+                    prompt=prompt, chat=chat, passes=passes, model=description,
+                    options={"include": list(include), "decode_steps": decode_steps, "attn_implementation": "eager",
+                             "float64_everywhere": bool(float64_all)})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="dump_transformers.py", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--float64-everywhere", action="store_true",
+                        help="with --dtype float64, also run RMSNorm, softmax and RoPE in float64 (docs/float64.md)")
+    args = parser.parse_args(argv)
+    try:
+        from qwen2np.hub import resolve_model_path
+
+        if args.float64_everywhere and args.dtype != "float64":
+            raise DumpError("--float64-everywhere needs --dtype float64")
+        path = resolve_model_path(args.model)
+        ids, mask, prompt = inputs_from_args(args, lambda: load_tokenizer(resolve_model_path(args.tokenizer or path)))
+        plan_passes(ids.shape[1], args.decode_steps)
+        started = time.perf_counter()
+        torch.set_grad_enabled(False)
+        transformers.logging.set_verbosity_error()
+        model = load_model(path, args.dtype)
+        dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
+                           FINGERPRINT_METHODS[args.fingerprint], args.float64_everywhere)
+        folder = write_dump(dump, args.out)
+    except Qwen2npError as e:
+        print(f"dump_transformers.py: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(dump.tensors)} tensors of {len(dump.passes)} forward pass(es) to {folder} "
+          f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
