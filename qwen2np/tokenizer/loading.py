@@ -93,6 +93,10 @@ def load_tokenizer(cls, path, kwargs):
     if path is None:
         path = bundled_tokenizer_dir()
     path = os.fspath(path)
+    if not os.path.exists(path):  # `test` (the fetched test checkpoint) or a Hub id, as for the model
+        from ..hub import resolve_model_path
+
+        path = os.fspath(resolve_model_path(path))
     if os.path.isdir(path):
         found = constructor_kwargs_from_folder(path)
     elif os.path.isfile(path) and path.lower().endswith(".gguf"):
@@ -110,9 +114,6 @@ def load_tokenizer(cls, path, kwargs):
     elif os.path.exists(path):
         raise TokenizerFileError(
             f"{path}: expected a tokenizer folder, a tokenizer.json or a .gguf file, found another kind of file")
-    else:
-        raise TokenizerFileError(
-            f"{path}: no such file or folder (qwen2np reads local files only; it does not download from the Hub)")
     found.update(kwargs)
     return cls(**found)
 
