@@ -171,10 +171,20 @@ class Qwen2PreTrainedModel:
         save_hf_folder(folder, config, tensors, generation_config=generation, max_shard_bytes=max_shard_bytes)
 
     def to(self, name):
-        """Move the weights to the "numpy" or "cupy" backend; returns self."""
-        xp = array_backend(name)
-        params = {n: xp.asarray(a) for n, a in self.params.items()}
-        self.xp = xp
+        """Convert the weights to another compute dtype ("float32", "float64"), or move them to another
+        backend ("numpy", "cupy"), in place like torch's `module.to`; returns self.
+
+        float32 weights convert to float64 exactly, so `model.to("float64")` gives the model that
+        `from_pretrained(..., dtype="float64")` gives, without reading the file again.
+        """
+        if name in DTYPES:
+            dtype = resolve_dtype(name)
+            params = {n: a.astype(dtype, copy=False) for n, a in self.params.items()}
+            self.dtype = dtype
+        else:
+            xp = array_backend(name)
+            params = {n: xp.asarray(a) for n, a in self.params.items()}
+            self.xp = xp
         self._set_params(params)
         return self
 

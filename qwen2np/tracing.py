@@ -245,7 +245,11 @@ def patch_from(recorded, names, positions=None, step=-1):
             raise IntermediateNameError(f"patch_from: {pattern!r} matches nothing the source trace recorded; "
                                         f"recorded: {', '.join(recorded.names()) or 'nothing'}")
         for name in matched:
-            edits[name] = _patch(name, recorded.history(name)[step], positions)
+            history = recorded.history(name)
+            if not -len(history) <= step < len(history):
+                raise TraceError(f"patch_from({name!r}, step={step}): the source trace recorded "
+                                 f"{len(history)} forward pass(es), so step is in [{-len(history)}, {len(history) - 1}]")
+            edits[name] = _patch(name, history[step], positions)
     return edits
 
 
@@ -259,6 +263,10 @@ def _patch(name, source, positions):
         t_axis, _ = position_axes(name, x.ndim)
         if t_axis is None:
             raise TraceError(f"patch of {name}: it has no position axis, so positions= does not apply")
+        T = x.shape[t_axis]
+        bad = [p for p in positions if not -T <= p < T]
+        if bad:
+            raise TraceError(f"patch of {name}: positions {bad} are outside its T axis of length {T}")
         y = x.copy()
         where = (slice(None),) * t_axis + (list(positions),)
         y[where] = source[where]

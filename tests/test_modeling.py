@@ -196,3 +196,13 @@ def test_long_prompts_are_attended_over_in_blocks(lm, monkeypatch):
     keep = mask.astype(bool)
     assert np.abs(blocked - whole)[keep].max() <= 1e-5 * np.abs(whole).max()
     assert lm(x, attention_mask=mask, output_attentions=True).attentions[0].shape == (2, 6, 30, 30)
+
+
+def test_to_float64_equals_building_in_float64():
+    config = Qwen2Config(**TINY, initializer_range=0.3)
+    converted = Qwen2ForCausalLM(config, seed=2).to("float64")
+    direct = Qwen2ForCausalLM._from_params(config, {n: a.astype(np.float64) for n, a in
+                                                    Qwen2ForCausalLM(config, seed=2).params.items()}, "float64")
+    out = converted(ids(), output_hidden_states=True)
+    assert out.logits.dtype == np.float64 and out.past_key_values.layers[0].keys.dtype == np.float64
+    assert np.array_equal(out.logits, direct(ids()).logits)

@@ -278,3 +278,19 @@ def test_edits_apply_to_every_forward_pass():
         model(x[:, 3:], past_key_values=cache)
     assert [h.shape for h in t.history("model.layers.0.self_attn.probs")] == [(1, 6, 3, 3), (1, 6, 1, 4)]
     assert all(not h[:, 1].any() for h in t.history("model.layers.0.self_attn.probs"))
+
+
+def test_patch_from_refuses_bad_positions_and_steps():
+    """A position beyond the prompt, or a forward pass the source did not record: a TraceError, not an IndexError."""
+    import numpy as np
+
+    from qwen2np.errors import TraceError
+    from qwen2np.tracing import Trace, patch_from, tap
+
+    with Trace(None, "demo.x") as source:
+        tap("demo", "x", np.zeros((1, 2, 1)))
+    with pytest.raises(TraceError, match="step is in"):
+        patch_from(source, ["demo.x"], step=3)
+    with pytest.raises(TraceError, match=r"positions \[9\] are outside its T axis of length 2"):
+        with Trace(None, edits=patch_from(source, ["demo.x"], positions=[9])):
+            tap("demo", "x", np.ones((1, 2, 1)))
