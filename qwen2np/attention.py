@@ -13,15 +13,21 @@ from .tracing import active as tracing_active
 from .tracing import tap
 
 
-# the scores of one forward pass are [B, H, T, S]; past this size, a long prompt is attended over in
-# blocks of query rows, so that a 32k-token prompt does not need 57 GB at once
+# Outside a trace, and when nobody asked for the [B, H, T, S] probabilities, a long forward pass is
+# attended over in blocks of query rows: so that a 32k-token prompt does not need 57 GB of scores at once
+# (SCORES_BUDGET_BYTES), and, when the mask is purely causal, so that each block reads only the keys it
+# may see, skipping the hidden triangle (BLOCK_ROWS rows at a time).
 SCORES_BUDGET_BYTES = 1 << 28
+BLOCK_ROWS = 64
 
 
-def grouped_query_attention(q, k, v, bias, scaling, scope=None, need_probs=True):
+def grouped_query_attention(q, k, v, bias, scaling, scope=None, need_probs=True, span=None):
     """softmax(q kᵀ · scaling + bias) v, each KV head serving G consecutive query heads.
 
     q [B, H, T, HD], k and v [B, KV, S, HD], bias [B, 1, T, S] -> context [B, H, T, HD], probs [B, H, T, S]
+    `span` (a masks.CausalSpan, or None) says the mask is causal with no padding, so that rows can skip
+    the keys they may not see. Blocks change no row's result beyond float rounding: a hidden key's
+    probability is exactly 0 either way.
 
     >>> import numpy as np
     >>> q = np.ones((1, 2, 1, 2), dtype=np.float32); k = np.zeros((1, 1, 3, 2), dtype=np.float32)
@@ -33,13 +39,17 @@ def grouped_query_attention(q, k, v, bias, scaling, scope=None, need_probs=True)
     B, H, T, HD = q.shape
     S = k.shape[2]
     rows = max(1, SCORES_BUDGET_BYTES // (B * H * S * q.dtype.itemsize))
-    if T > rows and not need_probs and not tracing_active():
-        # each query row's numbers are computed as in one piece; only the matrix products are cut
-        context = array_module(q).empty_like(q)                  # [B, H, T, HD]
-        for t in range(0, T, rows):
-            context[:, :, t:t + rows] = _attend(q[:, :, t:t + rows], k, v, bias[:, :, t:t + rows], scaling)[0]
-        return context, None
-    return _attend(q, k, v, bias, scaling, scope)
+    if span is not None:
+        rows = min(rows, BLOCK_ROWS)
+    if T <= rows or need_probs or tracing_active():
+        return _attend(q, k, v, bias, scaling, scope)
+    context = array_module(q).empty_like(q)                       # [B, H, T, HD]
+    for r0 in range(0, T, rows):
+        r1 = min(T, r0 + rows)
+        k0, k1 = span.keys(r0, r1) if span is not None else (0, S)
+        context[:, :, r0:r1] = _attend(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1],
+                                       bias[:, :, r0:r1, k0:k1], scaling)[0]
+    return context, None
 
 
 def _attend(q, k, v, bias, scaling, scope=None):
@@ -65,12 +75,13 @@ def _attend(q, k, v, bias, scaling, scope=None):
     return context.reshape(B, H, T, HD), probs
 
 
-def self_attention(x, p, cos, sin, bias, cache_layer, num_heads, num_kv_heads, head_dim, scope=None,
+def self_attention(x, p, cos, sin, mask, cache_layer, num_heads, num_kv_heads, head_dim, scope=None,
                    need_probs=True):
     """The attention half of a decoder layer.  x [B, T, D] -> [B, T, D], probs [B, H, T, S] (or None
     when not `need_probs` and the prompt was long enough to be attended over in blocks)
 
-    `p` maps the checkpoint's names under `…self_attn.` (q_proj.weight, q_proj.bias, …) to arrays.
+    `p` maps the checkpoint's names under `…self_attn.` (q_proj.weight, q_proj.bias, …) to arrays;
+    `mask` is a masks.AttentionMask (the additive bias [B, 1, T, S], and its causal span if any).
     """
     B, T, _ = x.shape
     H, KV, HD = num_heads, num_kv_heads, head_dim
@@ -85,7 +96,7 @@ def self_attention(x, p, cos, sin, bias, cache_layer, num_heads, num_kv_heads, h
     k = tap(scope, "k_rope", apply_rope(k, cos, sin))     # [B, KV, T, HD]
     if cache_layer is not None:  # the cache stores keys after RoPE
         k, v = cache_layer.update(k, v)                   # -> [B, KV, S, HD]
-    context, probs = grouped_query_attention(q, k, v, bias, head_dim ** -0.5, scope, need_probs)
+    context, probs = grouped_query_attention(q, k, v, mask.bias, head_dim ** -0.5, scope, need_probs, mask.span)
     context = context.transpose(0, 2, 1, 3).reshape(B, T, H * HD)   # [B, H, T, HD] -> [B, T, H*HD]
     context = tap(scope, "context", context)
     return tap(scope, "o_proj", linear(context, p["o_proj.weight"])), probs   # -> [B, T, D]

@@ -19,9 +19,9 @@ array([[1, 0, 0],
        [0, 1, 1]])
 """
 
-import numpy as np
+from dataclasses import dataclass
 
-from .backend import array_module
+import numpy as np
 
 
 def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
@@ -82,3 +82,35 @@ def build_attention_bias(batch, q_start, q_len, kv_start, kv_len, attention_mask
         visible = visible & keep[:, None, None, :]                            # -> [B, 1, T, S]
     visible = np.broadcast_to(visible, (batch, 1, q_len, kv_len))
     return attention_bias(visible, np.dtype(dtype), xp)
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """One layer type's mask for a forward pass: the additive bias, and its CausalSpan (None with padding)."""
+
+    bias: object           # [B, 1, T, S]
+    span: "CausalSpan | None" = None
+
+
+@dataclass(frozen=True)
+class CausalSpan:
+    """What a purely causal (maybe sliding) mask with no padding lets each query row see, as a key range.
+
+    With such a mask, query row r of this pass (sequence index q_start + r) sees exactly the keys of
+    sequence index in (q_start + r - W, q_start + r]. Attention can then skip the hidden triangle.
+    Keys are counted from kv_start, the sequence index of the layer's first kept key.
+
+    >>> CausalSpan(q_start=0, kv_start=0, window=None).keys(128, 256)
+    (0, 256)
+    >>> CausalSpan(q_start=10, kv_start=7, window=4).keys(0, 2)    # queries 10, 11 see keys 7..11
+    (0, 5)
+    """
+
+    q_start: int
+    kv_start: int
+    window: int | None
+
+    def keys(self, r0, r1):
+        """The key columns [k0, k1) that query rows [r0, r1) of this pass may see."""
+        lo = self.kv_start if self.window is None else max(self.kv_start, self.q_start + r0 - self.window + 1)
+        return lo - self.kv_start, self.q_start + r1 - self.kv_start

@@ -31,7 +31,7 @@ from .generation.utils import GenerationMixin
 from .inputs import as_attention_mask, as_embeddings, as_position_ids, as_token_ids
 from .layers import ACT2FN, linear, rms_norm, swiglu_mlp
 from .losses import causal_lm_loss, check_labels, sequence_classification_loss, token_classification_loss
-from .masks import build_attention_bias, packed_sequence_ids
+from .masks import AttentionMask, CausalSpan, build_attention_bias, packed_sequence_ids
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast,
                       TokenClassifierOutput)
 from .pretrained import Qwen2PreTrainedModel
@@ -40,7 +40,7 @@ from .tracing import intermediate_names, tap
 from .weights import base_parameter_shapes, random_parameters
 
 
-def decoder_layer(x, w, cos, sin, bias, cache_layer, config, scope, output_attentions=True):
+def decoder_layer(x, w, cos, sin, mask, cache_layer, config, scope, output_attentions=True):
     """One Qwen2 block: attention, then MLP, each on a normalised copy of x and added back.
 
     x [B, T, D] -> [B, T, D], and the attention probabilities [B, H, T, S].
@@ -49,7 +49,7 @@ def decoder_layer(x, w, cos, sin, bias, cache_layer, config, scope, output_atten
     eps = config.rms_norm_eps
     h = tap(scope, "input_layernorm", rms_norm(x, w["input_layernorm.weight"], eps))
     attn, probs = self_attention(
-        h, w["self_attn"], cos, sin, bias, cache_layer,
+        h, w["self_attn"], cos, sin, mask, cache_layer,
         config.num_attention_heads, config.num_key_value_heads, config.head_dim, f"{scope}.self_attn",
         need_probs=output_attentions,
     )
@@ -139,14 +139,15 @@ class Qwen2Model(Qwen2PreTrainedModel):
     forward = __call__
 
     def _masks(self, attention_mask, position_ids, cache, B, T, past):
-        """layer type -> additive mask [B, 1, T, S]."""
+        """layer type -> AttentionMask: the additive bias [B, 1, T, S], and its causal span when no key is
+        padding (then attention may skip the hidden triangle)."""
         if attention_mask is not None and attention_mask.ndim == 4:   # a custom mask, used as given
             S = past + T
             if attention_mask.shape not in ((B, 1, T, S), (1, 1, T, S)):
                 raise ValueError(f"attention_mask: a 4D mask must have shape [B, 1, T, S] = ({B}, 1, {T}, {S}), "
                                  f"found {attention_mask.shape}")
             bias = self.xp.asarray(attention_mask).astype(self.dtype, copy=False)
-            return {kind: bias for kind in set(self.config.layer_types)}
+            return {kind: AttentionMask(bias) for kind in set(self.config.layer_types)}
         # subtle: packed sequences (positions restart inside a row) are only detected without a mask or a
         # cache, as in transformers (docs/masks.md)
         packed = None
@@ -160,11 +161,13 @@ class Qwen2Model(Qwen2PreTrainedModel):
                 kv_len, kv_start = cache.get_mask_sizes(T, layer_idx)
             else:
                 kv_len, kv_start = T, 0
-            masks[kind] = build_attention_bias(
+            bias = build_attention_bias(
                 B, past, T, kv_start, kv_len, attention_mask,
                 None if packed is None else np.broadcast_to(position_ids, (B, T)),
                 window, self.dtype, packed, self.xp,
             )
+            no_padding = packed is None and (attention_mask is None or attention_mask.all())
+            masks[kind] = AttentionMask(bias, CausalSpan(past, kv_start, window) if no_padding else None)
         return masks
 
 

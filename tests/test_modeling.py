@@ -206,3 +206,24 @@ def test_to_float64_equals_building_in_float64():
     out = converted(ids(), output_hidden_states=True)
     assert out.logits.dtype == np.float64 and out.past_key_values.layers[0].keys.dtype == np.float64
     assert np.array_equal(out.logits, direct(ids()).logits)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3, 5])
+def test_causal_blocks_skip_only_hidden_keys(monkeypatch, sliding_window):
+    """Without padding, long passes attend block by block over the keys each block may see (BLOCK_ROWS
+    rows at a time); with the probabilities asked for, the whole matrix is computed. Both agree, for
+    full and sliding layers, with and without a cache in front."""
+    import qwen2np.attention
+
+    extra = ({"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 1}
+             if sliding_window else {"use_sliding_window": False})
+    config = Qwen2Config(**{**TINY, **extra}, initializer_range=0.3)
+    model = Qwen2ForCausalLM(config, seed=5)
+    x = ids(2, 23)
+    monkeypatch.setattr(qwen2np.attention, "BLOCK_ROWS", 4)
+    whole = model(x, output_attentions=True).logits                  # probs asked: one piece
+    blocked = model(x).logits
+    assert np.abs(blocked - whole).max() <= 1e-5 * np.abs(whole).max()
+    cache = model(x[:, :6]).past_key_values                           # a cache in front, then 17 at once
+    continued = model(x[:, 6:], past_key_values=cache).logits
+    assert np.abs(continued - whole[:, 6:]).max() <= 1e-5 * np.abs(whole).max()
