@@ -12,9 +12,11 @@ ValueError: input_ids: id 12 at [0, 1] is outside the vocabulary [0, 10)
 
 import numpy as np
 
+from .backend import to_numpy
+
 
 def _as_int_array(x, what):
-    a = np.asarray(x)
+    a = to_numpy(x)   # ids, masks and positions are checked on the host, wherever they were given
     if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
         if a.dtype.kind == "f" and a.size and np.all(a == np.round(a)):
             raise TypeError(f"{what}: expected integers, found dtype {a.dtype} (cast with .astype(np.int64))")
@@ -51,7 +53,7 @@ def as_attention_mask(attention_mask, batch, total):
     """A 2D padding mask [B, past + T] of 0/1, or a custom additive 4D mask [B, 1, T, S] (used as is)."""
     if attention_mask is None:
         return None
-    a = np.asarray(attention_mask)
+    a = to_numpy(attention_mask)
     if a.ndim == 4:
         return a
     mask = _as_int_array(attention_mask, "attention_mask")
@@ -67,10 +69,11 @@ def as_position_ids(position_ids, batch, q_len, past):
     if position_ids is None:
         return (np.arange(q_len, dtype=np.int64) + past)[None]
     pos = _as_int_array(position_ids, "position_ids")
+    given = pos.shape
     if pos.ndim == 1:
         pos = pos[None]
     if pos.ndim != 2 or pos.shape[1] != q_len or pos.shape[0] not in (1, batch):
-        raise ValueError(f"position_ids: expected shape [{batch} or 1, {q_len}], found {np.asarray(position_ids).shape}")
+        raise ValueError(f"position_ids: expected shape [{batch} or 1, {q_len}], found {given}")
     if (pos < 0).any():
         raise ValueError(f"position_ids: positions must be >= 0, found {int(pos.min())}")
     return pos

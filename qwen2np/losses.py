@@ -8,7 +8,7 @@
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 
 IGNORE_INDEX = -100
 
@@ -34,8 +34,8 @@ def cross_entropy(logits, labels, ignore_index=IGNORE_INDEX):
 
 
 def check_labels(labels, num_classes, what):
-    """Class labels must be integers in [0, num_classes) or the ignore index -100."""
-    labels = np.asarray(labels)
+    """Class labels must be integers in [0, num_classes) or the ignore index -100 (checked on the host)."""
+    labels = to_numpy(labels)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{what}: expected integer class ids, found dtype {labels.dtype}")
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
@@ -68,7 +68,7 @@ def sequence_classification_loss(pooled_logits, labels, config):
     and stored on the config, so later calls keep it.
     """
     xp = array_module(pooled_logits)
-    labels = xp.asarray(labels)
+    given, labels = labels, xp.asarray(labels)
     num_labels = config.num_labels
     if config.problem_type is None:
         if num_labels == 1:
@@ -84,7 +84,7 @@ def sequence_classification_loss(pooled_logits, labels, config):
             return ((pooled_logits.squeeze() - target.squeeze()) ** 2).mean()
         return ((pooled_logits - target) ** 2).mean()
     if config.problem_type == "single_label_classification":
-        check_labels(labels, num_labels, "labels")
+        check_labels(given, num_labels, "labels")   # as given: host labels are not copied back from the device
         return cross_entropy(pooled_logits.reshape(-1, num_labels), labels.reshape(-1))
     # multi-label: binary cross-entropy with logits, averaged over every (row, label)
     x, y = pooled_logits, labels.astype(dtype)

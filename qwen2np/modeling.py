@@ -26,6 +26,7 @@ record or edit it.
 import numpy as np
 
 from .attention import self_attention
+from .backend import to_numpy
 from .cache import DynamicCache
 from .generation.utils import GenerationMixin
 from .inputs import as_attention_mask, as_embeddings, as_position_ids, as_token_ids
@@ -287,7 +288,7 @@ class Qwen2ForSequenceClassification(_WithBaseModel):
         else:
             # subtle: the rightmost token that is not padding (transformers >= 4.50), which handles left
             # and right padding; a row of padding only pools position 0
-            not_pad = np.asarray(input_ids) != pad
+            not_pad = to_numpy(input_ids) != pad            # on the host, as the ids were checked
             last = np.argmax(np.arange(T) * not_pad, axis=-1)
         logits = tap(None, "logits", scores[self.xp.arange(B), self.xp.asarray(last)])   # -> [B, C]
         loss = None if labels is None else sequence_classification_loss(logits, labels, self.config)

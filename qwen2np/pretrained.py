@@ -11,6 +11,7 @@ import numpy as np
 from .backend import backend as array_backend
 from .config import Qwen2Config
 from .errors import CheckpointError
+from .memory import keep_freed_memory
 from .weights import check_memory, check_shapes, random_parameters
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -62,6 +63,7 @@ class Qwen2PreTrainedModel:
         return model
 
     def _setup(self, config, dtype, params):
+        keep_freed_memory()   # a forward pass reuses freed blocks instead of faulting in fresh ones (memory.py)
         self.config = config
         self.dtype = dtype
         self.xp = np
@@ -183,7 +185,9 @@ class Qwen2PreTrainedModel:
             self.dtype = dtype
         else:
             xp = array_backend(name)
-            params = {n: xp.asarray(a) for n, a in self.params.items()}
+            # subtle: back to NumPy with to_numpy: np.asarray refuses a cupy array (no implicit copies)
+            move = _to_numpy if xp is np else xp.asarray
+            params = {n: move(a) for n, a in self.params.items()}
             self.xp = xp
         self._set_params(params)
         return self

@@ -21,6 +21,7 @@ from another prompt):
 
 import fnmatch
 
+from .backend import array_module
 from .errors import IntermediateNameError, TraceError
 
 _active = []  # the traces entered and not yet left, innermost last
@@ -162,6 +163,9 @@ def _checked(name, x, new):
     if new.shape != x.shape or new.dtype != x.dtype:
         raise TraceError(f"edit of {name} must keep shape {x.shape} and dtype {x.dtype}, "
                          f"got {new.shape} {new.dtype}")
+    if array_module(new) is not array_module(x):   # a NumPy array into a model on cupy, or the reverse
+        raise TraceError(f"edit of {name} must return an array of the model's backend "
+                         f"({type(x).__module__.split('.')[0]}), got a {type(new).__module__.split('.')[0]} array")
     return new
 
 

@@ -202,11 +202,32 @@ def compare_tensor(name, key, pass_index, x, y, valid, tolerance):
     max_abs = float(err.max()) if err.size else 0.0
     scale = max(float(np.abs(xs).max()), float(np.abs(ys).max())) if err.size else 0.0
     rel = 0.0 if max_abs == 0 else max_abs / scale
-    energy_err, energy_ref = float((err * err).sum()), float((ys * ys).sum())
-    nmse_db = None if energy_err == 0 else (10 * math.log10(energy_err / energy_ref) if energy_ref > 0 else math.inf)
     return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape), compared=int(xs.size),
                             max_abs=max_abs, mean_abs=float(err.mean()) if err.size else 0.0, rel=rel,
-                            nmse_db=nmse_db, tolerance=tolerance, ok=bool(rel <= tolerance), top1=top1, top5=top5)
+                            nmse_db=nmse_db(err, ys), tolerance=tolerance, ok=bool(rel <= tolerance),
+                            top1=top1, top5=top5)
+
+
+def nmse_db(err, ref):
+    """10·log10(Σ err² / Σ ref²): None when there is no error, inf when the reference is all zeros.
+
+    subtle: computed in log space, each sum scaled by its largest element, so that an error of 1e-159
+    against values near 1e3 gives about -3240 dB instead of underflowing to log10(0).
+
+    >>> round(nmse_db(np.array([0.1, 0.0]), np.array([1.0, 0.0])), 6)
+    -20.0
+    >>> round(nmse_db(np.array([1e-159]), np.array([1e3])))
+    -3240
+    """
+    def log10_energy(v):   # log10(Σ v²) without underflow or overflow
+        peak = float(np.abs(v).max())
+        return 2 * math.log10(peak) + math.log10(float(((v / peak) ** 2).sum()))
+
+    if err.size == 0 or not err.any():
+        return None
+    if not ref.any():
+        return math.inf
+    return 10 * (log10_energy(err) - log10_energy(ref))
 
 
 def top_k_agreement(x, y, valid_rows=None, k=TOP_K):

@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..backend import to_numpy
+
 METHODS = ("sha256-f32", "sha256-f32-sampled")
 _CHUNK = 1 << 24          # values hashed per step: bounds the float32 copy of a float64 weight (64 MB)
 _BLOCKS, _BLOCK = 16, 1024  # the sampled method: 16 blocks of 1024 values per weight
@@ -84,7 +86,7 @@ def config_fingerprint(config):
 
 def weight_digest(array, method="sha256-f32"):
     """sha256 (hex) of one weight's values as little-endian float32, in C order (or of its sampled blocks)."""
-    flat = np.asarray(array).reshape(-1)
+    flat = to_numpy(array).reshape(-1)
     if method == "sha256-f32-sampled" and flat.size > _BLOCKS * _BLOCK:
         starts = [(i * (flat.size - _BLOCK)) // (_BLOCKS - 1) for i in range(_BLOCKS)]
         pieces = [flat[s:s + _BLOCK] for s in starts]
@@ -106,7 +108,7 @@ def weights_fingerprint(weights, method="sha256-f32", threads=2):
     names = sorted(weights)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         digests = dict(zip(names, pool.map(lambda n: weight_digest(weights[n], method), names)))
-    lines = "".join(f"{n} {'x'.join(map(str, np.shape(weights[n])))} {digests[n]}\n" for n in names)
+    lines = "".join(f"{n} {'x'.join(map(str, weights[n].shape))} {digests[n]}\n" for n in names)
     return {"method": method, "digest": hashlib.sha256(lines.encode("utf-8")).hexdigest(), "tensors": digests}
 
 

@@ -11,6 +11,7 @@
 
 import numpy as np
 
+from ..backend import to_numpy
 from ..errors import DumpError
 from ..tracing import trace
 from .dump import new_dump, plan_passes
@@ -48,7 +49,7 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
             out = model(ids[:, start:end], attention_mask=None if mask is None else mask[:, :end],
                         past_key_values=cache, use_cache=len(plan) > 1)
             cache = out.past_key_values
-    passes = [{"start": start, "length": length, "tensors": [(n, t.history(n)[i]) for n in t.names()]}
+    passes = [{"start": start, "length": length, "tensors": [(n, to_numpy(t.history(n)[i])) for n in t.names()]}
               for i, (start, length) in enumerate(plan)]
     return new_dump(producer=f"qwen2np {versions()['qwen2np']}", versions=versions(), dtype=model.dtype,
                     input_ids=ids, attention_mask=mask, prompt=prompt, chat=chat, passes=passes,
