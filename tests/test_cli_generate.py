@@ -85,9 +85,12 @@ def test_chat_exit_command(checkpoint_env):
 def test_chat_ctrl_c_stops_the_answer_only(checkpoint_env):
     import signal
 
+    # subtle: a shell without job control starts background jobs (`.ci/run ... &`) with SIGINT ignored,
+    # children inherit that, and Python then installs no KeyboardInterrupt handler: restore the default
     proc = subprocess.Popen([sys.executable, "-m", "qwen2np", "chat", "--model", "test", "--max-new-tokens", "400"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **checkpoint_env})
+                            env={**os.environ, **checkpoint_env},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write(b"Write a long story about a robot.\n")
         proc.stdin.flush()
