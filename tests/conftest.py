@@ -59,6 +59,20 @@ def oracle():
 
 
 @pytest.fixture(scope="session")
+def dt(oracle):
+    """scripts/dump_transformers.py as a module: transformers' dump recorder, `load_model`, and
+    `float64_everywhere`, the patch that lifts its float32 islands."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "dump_transformers.py"
+    spec = importlib.util.spec_from_file_location("dump_transformers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def test_gguf():
     """Path of the real Qwen2.5-Coder-0.5B-Instruct GGUF, assembled by `qwen2np fetch`."""
     from qwen2np.fetch import test_checkpoint_path

@@ -93,6 +93,14 @@ def _index(key):
     return key
 
 
+def _read_on_host(convert):
+    """A method returning `convert(values)`, counted as a device -> host copy."""
+    def method(self):
+        transfers["to_host"] += 1
+        return convert(self._a)
+    return method
+
+
 class ndarray:
     """A device array: a NumPy array that only this module looks into.
 
@@ -151,29 +159,13 @@ class ndarray:
         transfers["to_device"] += 1
         self._a[...] = np.asarray(arr)
 
-    def item(self):
-        transfers["to_host"] += 1
-        return self._a.item()
-
-    def tolist(self):
-        transfers["to_host"] += 1
-        return self._a.tolist()
-
-    def __int__(self):
-        transfers["to_host"] += 1
-        return int(self._a)
-
-    def __float__(self):
-        transfers["to_host"] += 1
-        return float(self._a)
-
-    def __complex__(self):
-        transfers["to_host"] += 1
-        return complex(self._a)
-
-    def __bool__(self):
-        transfers["to_host"] += 1
-        return bool(self._a)
+    # each of these reads values on the host: one device -> host copy
+    item = _read_on_host(np.ndarray.item)
+    tolist = _read_on_host(np.ndarray.tolist)
+    __int__ = _read_on_host(int)
+    __float__ = _read_on_host(float)
+    __complex__ = _read_on_host(complex)
+    __bool__ = _read_on_host(bool)
 
     def __len__(self):
         return len(self._a)

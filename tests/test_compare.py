@@ -1,7 +1,6 @@
 """Comparing dumps (qwen2np/golden/compare.py, `qwen2np compare`): the metrics, the first divergence, padding,
 refusals, the tolerance policy, exit codes; and a tiny model against the transformers dump script."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -202,19 +201,11 @@ def test_the_compare_command_exit_codes_and_json(model, tmp_path):
 # -- against transformers, on a tiny random model (the real checkpoint: test_inspection_checkpoint.py) ---
 
 
-def dump_transformers_module():
-    spec = importlib.util.spec_from_file_location("dump_transformers", ROOT / "scripts" / "dump_transformers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.oracle
-def test_a_tiny_model_matches_the_transformers_dump(oracle, model, tmp_path):
+def test_a_tiny_model_matches_the_transformers_dump(dt, model, tmp_path):
     """Every intermediate, through padding and decode steps, within the float32 policy; the config and the
     weights fingerprints are equal on both sides."""
     model.save_pretrained(tmp_path / "tiny")
-    dt = dump_transformers_module()
     theirs = dt.record_dump(dt.load_model(tmp_path / "tiny"), IDS, MASK, decode_steps=2)
     ours = record_dump(model, IDS, MASK, decode_steps=2)
     assert [e["key"] for _, e in theirs.entries()] == [e["key"] for _, e in ours.entries()]   # same names, order

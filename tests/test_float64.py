@@ -1,9 +1,6 @@
 """float64 reference mode (docs/float64.md): qwen2np float64 against transformers float64, stock and with its
 three float32 islands lifted, and against float32, on tiny random models."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,18 +13,8 @@ from qwen2np.golden.record import record_dump
 
 pytestmark = pytest.mark.oracle
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, initializer_range=0.2, pad_token_id=0, rope_theta=10000.0)
-
-
-@pytest.fixture(scope="module")
-def dt(oracle):
-    """scripts/dump_transformers.py: the recorder and `float64_everywhere`, the patch that lifts the islands."""
-    spec = importlib.util.spec_from_file_location("dump_transformers", ROOT / "scripts" / "dump_transformers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pair(oracle, seed=0, **overrides):

@@ -1,7 +1,6 @@
 """Golden dumps of the real checkpoint (Qwen2.5-Coder-0.5B-Instruct GGUF): qwen2np against transformers
 5.24.0 name by name, a planted error found in the right place, and the command line end to end."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,14 +20,6 @@ pytestmark = [pytest.mark.oracle, pytest.mark.checkpoint, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n    for _ in range(n):\n'
-
-
-@pytest.fixture(scope="module")
-def dt(oracle):
-    spec = importlib.util.spec_from_file_location("dump_transformers", ROOT / "scripts" / "dump_transformers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
