@@ -37,7 +37,7 @@ from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceC
                       TokenClassifierOutput)
 from .pretrained import Qwen2PreTrainedModel
 from .rope import RotaryEmbedding
-from .tracing import intermediate_names, tap
+from .tracing import forward_pass, intermediate_names, tap
 from .weights import base_parameter_shapes, random_parameters
 
 
@@ -86,6 +86,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         """Every name `tap` uses in a forward pass, in order (docs/intermediates.md)."""
         return intermediate_names(self.config.num_hidden_layers, self.scope, head=())
 
+    @forward_pass
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                  return_dict=None, cache=None):
@@ -241,6 +242,7 @@ class Qwen2ForCausalLM(_WithBaseModel, GenerationMixin):
         super()._setup(config, dtype, params)
         self._attach_generation_config(None)
 
+    @forward_pass
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                  output_hidden_states=None, return_dict=None, logits_to_keep=0, cache=None):
@@ -273,6 +275,7 @@ class Qwen2ForSequenceClassification(_WithBaseModel):
     head_shapes = {"score.weight": lambda c: (c.num_labels, c.hidden_size)}
     head_intermediate_names = ["score", "logits"]
 
+    @forward_pass
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                  output_hidden_states=None, return_dict=None, cache=None):
@@ -306,6 +309,7 @@ class Qwen2ForTokenClassification(_WithBaseModel):
                    "score.bias": lambda c: (c.num_labels,)}
     head_intermediate_names = ["logits"]
 
+    @forward_pass
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                  output_hidden_states=None, return_dict=None, cache=None):

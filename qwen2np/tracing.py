@@ -17,14 +17,23 @@ from another prompt):
 ...     y = tap("demo", "double", np.arange(3) * 2)
 >>> y.tolist()
 [1, 3, 5]
+
+A trace belongs to the model it was opened on and to the thread (more exactly, the `contextvars`
+context) that entered it: a forward pass of another model, or of the same model in another thread, is
+neither recorded nor edited. `Trace(None, …)` listens to every model, still only in its own context.
 """
 
+import contextvars
 import fnmatch
+import functools
 
 from .backend import array_module
 from .errors import IntermediateNameError, TraceError
 
-_active = []  # the traces entered and not yet left, innermost last
+# subtle: context variables, not module globals, so that a trace entered in one thread (or asyncio task)
+# is invisible to forward passes running in another (docs/inspection.md, "Scope")
+_active = contextvars.ContextVar("qwen2np_traces", default=())     # traces entered, innermost last
+_running = contextvars.ContextVar("qwen2np_running", default=())   # models whose forward pass is running
 
 # The names one decoder layer produces, in forward order (docs/intermediates.md), under `…layers.{l}.`;
 # the layer's own output (the residual stream after it) is named `…layers.{l}` and comes last.
@@ -41,16 +50,60 @@ _KEY_AXIS = {"scores", "mask", "probs"}
 
 
 def tap(scope, name, x):
-    """Pass the intermediate `scope.name` (or `scope` when name is None) through the active traces.
+    """Pass the intermediate `scope.name` (or `scope` when name is None) through the traces listening to
+    the running model in this context.
 
     Free when no trace is active: the name is only joined when someone listens.
     """
-    if not _active:
+    traces = _active.get()
+    if not traces:
         return x
-    full_name = scope if name is None else f"{scope}.{name}" if scope else name
-    for t in _active:
+    full_name = None
+    for t in _listening(traces):
+        full_name = full_name or (scope if name is None else f"{scope}.{name}" if scope else name)
         x = t._visit(full_name, x)
     return x
+
+
+def _listening(traces):
+    """The traces (of those entered in this context) that act on the forward pass running now."""
+    running = _running.get()
+    return [t for t in traces if t.model is None or any(t.model is m for m in running)]
+
+
+def forward_pass(method):
+    """Decorates a model's `__call__`: the forward pass runs marked as `running(model)`."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with running(self):
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+class running:
+    """Marks `model` as running for the duration of a forward pass, so that the traces opened on it (and
+    only those) see its intermediates. A head running its base model marks both.
+
+    Costs one context-variable read when no trace is active.
+    """
+
+    __slots__ = ("model", "token")
+
+    def __init__(self, model):
+        self.model = model
+        self.token = None
+
+    def __enter__(self):
+        if _active.get():
+            self.token = _running.set(_running.get() + (self.model,))
+        return self
+
+    def __exit__(self, *exc):
+        if self.token is not None:
+            _running.reset(self.token)
+        return False
 
 
 def intermediate_names(num_hidden_layers, prefix="model", head=("logits",)):
@@ -112,11 +165,12 @@ class Trace:
                     )
 
     def __enter__(self):
-        _active.append(self)
+        _active.set(_active.get() + (self,))
         return self
 
     def __exit__(self, *exc):
-        _active.remove(self)
+        # by identity, not by token: a trace left out of order (a generator closed late) still leaves
+        _active.set(tuple(t for t in _active.get() if t is not self))
         return False
 
     def _visit(self, name, x):
@@ -281,5 +335,7 @@ def _patch(name, source, positions):
 
 
 def active():
-    """True while a trace records or edits: the forward pass then keeps every intermediate whole."""
-    return bool(_active)
+    """True while a trace records or edits the running model in this context: the forward pass then keeps
+    every intermediate whole."""
+    traces = _active.get()
+    return bool(traces) and bool(_listening(traces))

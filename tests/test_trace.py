@@ -142,7 +142,7 @@ def test_tap_is_free_without_a_trace():
     with pytest.raises(RuntimeError):
         with Trace(None, "*"):
             raise RuntimeError("inside")
-    assert tap("a", "b", x) is x and not qwen2np.tracing._active
+    assert tap("a", "b", x) is x and not qwen2np.tracing._active.get()
 
 
 def test_readme_example_shape():
@@ -267,7 +267,7 @@ def test_misuse_is_explained():
     with pytest.raises(TraceError, match="same length"):
         with trace(model, edits=patch_from(t, "logits")):
             model(ids(1, 4))
-    assert not qwen2np.tracing._active   # every failed trace was left
+    assert not qwen2np.tracing._active.get() and not qwen2np.tracing._running.get()   # every failed trace was left
 
 
 def test_edits_apply_to_every_forward_pass():
@@ -294,3 +294,102 @@ def test_patch_from_refuses_bad_positions_and_steps():
     with pytest.raises(TraceError, match=r"positions \[9\] are outside its T axis of length 2"):
         with Trace(None, edits=patch_from(source, ["demo.x"], positions=[9])):
             tap("demo", "x", np.ones((1, 2, 1)))
+
+
+# -- scope: a trace acts on its own model, in its own thread -----------------------------------------
+
+
+def test_a_trace_acts_only_on_the_model_it_was_opened_on():
+    """A trace with edits on model A leaves model B's forward pass (and B's records) alone; a trace on
+    a head also sees its base model's intermediates, and one on the base model sees them when the head
+    runs it."""
+    a, b = make(Qwen2ForCausalLM), make(Qwen2ForCausalLM)
+    x = ids(1, 4)
+    clean = b(x).logits
+    with trace(a, "logits", edits={"model.norm": lambda h: h * h.dtype.type(0)}) as t:
+        assert np.array_equal(b(x).logits, clean)               # B: untouched, unrecorded
+        assert "logits" not in t
+        edited = a(x).logits
+    assert not np.array_equal(edited, clean) and np.array_equal(t["logits"], edited)
+    with trace(a.model, "model.norm") as base:
+        a(x)
+    assert base.names() == ["model.norm"]
+
+
+def test_a_trace_entered_in_one_thread_does_not_touch_another_thread():
+    """The forward passes of another thread, run while this thread's trace (with an edit) is open on the
+    same model, give the untraced result and record nothing."""
+    import threading
+
+    model = make(Qwen2ForCausalLM)
+    x = ids(2, 5)
+    clean = model(x).logits
+    entered, done = threading.Event(), threading.Event()
+    results = []
+
+    def other_thread():
+        entered.wait(60)
+        results.extend(model(x).logits for _ in range(3))
+        done.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with trace(model, "*", edits={"model.layers.*.mlp.act": lambda h: h * h.dtype.type(0)}) as t:
+        entered.set()
+        assert done.wait(120)
+        edited = model(x).logits
+    worker.join()
+    assert len(results) == 3 and all(np.array_equal(r, clean) for r in results)
+    assert len(t.history("logits")) == 1 and not np.array_equal(edited, clean)
+
+
+def test_traces_in_concurrent_threads_keep_to_themselves():
+    """Two threads, each with its own trace and edit on the same model, each see only their own."""
+    import threading
+
+    model = make(Qwen2ForCausalLM)
+    x = ids(1, 4)
+    barrier = threading.Barrier(2)
+    out = {}
+
+    def run(scale):
+        with trace(model, "logits", edits={"model.norm": lambda h: h * h.dtype.type(scale)}) as t:
+            barrier.wait(60)
+            for _ in range(3):
+                model(x)
+            barrier.wait(60)
+        out[scale] = t
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (0.5, 2.0)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for scale in (0.5, 2.0):
+        with trace(model, "logits", edits={"model.norm": lambda h: h * h.dtype.type(scale)}) as alone:
+            model(x)
+        history = out[scale].history("logits")
+        assert len(history) == 3 and all(np.array_equal(h, alone["logits"]) for h in history)
+
+
+def test_nested_traces_generators_and_generate_still_work():
+    model = make(Qwen2ForCausalLM)
+    x = ids(1, 4)
+    with trace(model, "logits") as outer:
+        with trace(model, "model.norm", edits={"model.norm": lambda h: h * h.dtype.type(2)}) as inner:
+            model(x)
+        model(x)
+    assert len(outer.history("logits")) == 2 and len(inner.history("model.norm")) == 1
+    assert not np.array_equal(*outer.history("logits"))
+
+    def steps():          # a trace held open across yields, as a generator would
+        with trace(model, "logits") as t:
+            yield model(x).logits
+            yield model(x).logits
+        yield t
+
+    first, second, t = list(steps())
+    assert len(t.history("logits")) == 2 and np.array_equal(first, second)
+    with trace(model, "logits") as g:
+        model.generate(x, max_new_tokens=3, do_sample=False)
+    assert len(g.history("logits")) == 3      # the prefill, then two decode steps
