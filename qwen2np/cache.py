@@ -15,6 +15,7 @@ without copying the history (amortized O(1)).
 """
 
 from .backend import array_module
+from .errors import CacheError
 
 
 class CacheLayer:
@@ -69,6 +70,14 @@ class CacheLayer:
             self._start = max(self._start, self._end - (self.window - 1))
         return visible_keys, visible_values
 
+    def state(self):
+        """What `restore` needs to undo later updates: the buffers (updates only write past `end`, and
+        `_make_room` copies into new ones, so the kept positions in these stay intact) and the counters."""
+        return self._k, self._v, self._start, self._end, self.seen
+
+    def restore(self, state):
+        self._k, self._v, self._start, self._end, self.seen = state
+
     def _make_room(self, T, xp):
         """Move the kept positions to the front, and double the buffer if that is not enough."""
         kept = self._end - self._start
@@ -90,6 +99,8 @@ class DynamicCache:
     """
 
     def __init__(self, layer_types, sliding_window=None):
+        self.layer_types = list(layer_types)
+        self.sliding_window = sliding_window if "sliding_attention" in self.layer_types else None
         self.layers = [
             CacheLayer(sliding_window if kind == "sliding_attention" else None) for kind in layer_types
         ]
@@ -97,6 +108,39 @@ class DynamicCache:
     @classmethod
     def from_config(cls, config):
         return cls(config.layer_types, config.sliding_window)
+
+    def check_fits(self, config, batch, dtype):
+        """Refuse, before anything is written, a cache made for another model or another batch.
+
+        A cache matches a config when it has the same layers, sliding the same way, and, once it holds
+        keys, the same KV heads, head dim, batch size and dtype. The error names both sides.
+        """
+        layer_types = list(config.layer_types)
+        window = config.sliding_window if "sliding_attention" in layer_types else None
+        kept = next((layer for layer in self.layers if layer.keys is not None), None)
+        if kept is not None:
+            B, KV, _, HD = kept.keys.shape
+            cache_dtype = kept.keys.dtype
+        mismatch = (self.layer_types != layer_types or self.sliding_window != window
+                    or (kept is not None and (KV, HD, cache_dtype) != (config.num_key_value_heads, config.head_dim,
+                                                                       dtype)))
+        if mismatch:
+            held = "" if kept is None else f", KV={KV}, HD={HD}, {cache_dtype}"
+            raise CacheError(
+                f"past_key_values: this cache was made for {_describe(self.layer_types, self.sliding_window)}"
+                f"{held}; this model has {_describe(layer_types, window)}, KV={config.num_key_value_heads}, "
+                f"HD={config.head_dim}, {dtype} (make one with DynamicCache.from_config(model.config))"
+            )
+        if kept is not None and B != batch:
+            raise CacheError(f"past_key_values: the cache holds a batch of {B} rows, this call has {batch}")
+
+    def state(self):
+        """A snapshot `restore` returns to: a forward pass that raises leaves the cache as it found it."""
+        return [layer.state() for layer in self.layers]
+
+    def restore(self, state):
+        for layer, s in zip(self.layers, state):
+            layer.restore(s)
 
     def update(self, k, v, layer_idx):
         return self.layers[layer_idx].update(k, v)
@@ -121,6 +165,12 @@ class DynamicCache:
     def __repr__(self):
         kept = [0 if layer.keys is None else layer.keys.shape[2] for layer in self.layers]
         return f"DynamicCache(seen={self.get_seq_length()}, kept per layer={kept})"
+
+
+def _describe(layer_types, window):
+    sliding = sum(kind == "sliding_attention" for kind in layer_types)
+    slides = f", {sliding} sliding with a window of {window}" if sliding else ", no sliding window"
+    return f"{len(layer_types)} layers{slides}"
 
 
 def kv_bytes(cache):

@@ -35,6 +35,10 @@ class ChatTemplateError(Qwen2npError, ValueError):
     """A tokenizer has no chat template, or the template raised an error while rendering."""
 
 
+class CacheError(Qwen2npError, ValueError):
+    """A KV cache does not fit the model or the call: made for another config, another batch or dtype."""
+
+
 class ModelTooLargeError(Qwen2npError, MemoryError):
     """Allocating the model's weights would not fit in the memory available."""
 

@@ -61,7 +61,38 @@ def causal_lm_loss(logits, labels):
     return cross_entropy(logits.reshape(B * T, -1), shifted.reshape(-1))
 
 
-def sequence_classification_loss(pooled_logits, labels, config):
+def check_sequence_labels(labels, batch, config):
+    """The problem type the labels [B] or [B, num_labels] of a sequence classifier pose, after checking them.
+
+    subtle: like transformers, the problem type is inferred from num_labels and the labels' dtype when the
+    config does not state it (sequence_classification_loss then stores it on the config).
+    """
+    host = to_numpy(labels)
+    num_labels = config.num_labels
+    problem_type = config.problem_type
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif host.dtype in (np.int64, np.int32):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if host.dtype.kind not in "iufb":
+        raise ValueError(f"labels: expected numbers, found dtype {host.dtype}")
+    if problem_type == "single_label_classification":
+        check_labels(host, num_labels, "labels")
+        if host.size != batch:
+            raise ValueError(f"labels: expected one class id per row ({batch}), found shape {host.shape}")
+    elif problem_type == "multi_label_classification" and host.shape != (batch, num_labels):
+        raise ValueError(f"labels: expected shape (B, num_labels) = {(batch, num_labels)} for multi-label "
+                         f"classification, found {host.shape}")
+    elif problem_type == "regression" and host.size != batch * num_labels:
+        raise ValueError(f"labels: expected {batch * num_labels} regression targets (B x num_labels), found shape "
+                         f"{host.shape}")
+    return problem_type
+
+
+def sequence_classification_loss(pooled_logits, labels, config, problem_type=None):
     """Regression, single- or multi-label loss on pooled logits [B, num_labels].
 
     subtle: like transformers, the problem type is inferred once from num_labels and the labels' dtype,
@@ -70,13 +101,9 @@ def sequence_classification_loss(pooled_logits, labels, config):
     xp = array_module(pooled_logits)
     given, labels = labels, xp.asarray(labels)
     num_labels = config.num_labels
-    if config.problem_type is None:
-        if num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (np.int64, np.int32):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
+    if problem_type is None:
+        problem_type = check_sequence_labels(given, pooled_logits.shape[0], config)
+    config.problem_type = problem_type
     dtype = pooled_logits.dtype
     if config.problem_type == "regression":
         target = labels.astype(dtype)
@@ -84,7 +111,6 @@ def sequence_classification_loss(pooled_logits, labels, config):
             return ((pooled_logits.squeeze() - target.squeeze()) ** 2).mean()
         return ((pooled_logits - target) ** 2).mean()
     if config.problem_type == "single_label_classification":
-        check_labels(given, num_labels, "labels")   # as given: host labels are not copied back from the device
         return cross_entropy(pooled_logits.reshape(-1, num_labels), labels.reshape(-1))
     # multi-label: binary cross-entropy with logits, averaged over every (row, label)
     x, y = pooled_logits, labels.astype(dtype)

@@ -31,7 +31,8 @@ from .cache import DynamicCache
 from .generation.utils import GenerationMixin
 from .inputs import as_attention_mask, as_embeddings, as_position_ids, as_token_ids
 from .layers import ACT2FN, linear, rms_norm, swiglu_mlp
-from .losses import causal_lm_loss, check_labels, sequence_classification_loss, token_classification_loss
+from .losses import (causal_lm_loss, check_labels, check_sequence_labels, sequence_classification_loss,
+                     token_classification_loss)
 from .masks import AttentionMask, CausalSpan, build_attention_bias, packed_sequence_ids
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast,
                       TokenClassifierOutput)
@@ -109,6 +110,8 @@ class Qwen2Model(Qwen2PreTrainedModel):
             cache = DynamicCache.from_config(config)
         if cache is not None and not isinstance(cache, DynamicCache):
             raise TypeError(f"past_key_values: expected a qwen2np DynamicCache, found {type(cache).__name__}")
+        if cache is not None:
+            cache.check_fits(config, B, self.dtype)
         past = cache.get_seq_length() if cache is not None else 0
         attention_mask = as_attention_mask(attention_mask, B, past + T)
         positions = as_position_ids(position_ids, B, T, past)              # [B or 1, T]
@@ -118,14 +121,22 @@ class Qwen2Model(Qwen2PreTrainedModel):
 
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        for i, (w, scope) in enumerate(self.layers):
-            cache_layer = cache.layers[i] if cache is not None else None
-            x, probs = decoder_layer(x, w, cos, sin, masks[config.layer_types[i]], cache_layer, config, scope,
-                                     output_attentions)
-            if output_hidden_states:
-                hidden_states.append(x)
-            if output_attentions:
-                attentions.append(probs)
+        # subtle: everything above checked the call; a failure from here on (a trace edit that raises,
+        # Ctrl-C, out of memory) hands the cache back as it was, not with some layers one step ahead
+        before = cache.state() if cache is not None else None
+        try:
+            for i, (w, scope) in enumerate(self.layers):
+                cache_layer = cache.layers[i] if cache is not None else None
+                x, probs = decoder_layer(x, w, cos, sin, masks[config.layer_types[i]], cache_layer, config, scope,
+                                         output_attentions)
+                if output_hidden_states:
+                    hidden_states.append(x)
+                if output_attentions:
+                    attentions.append(probs)
+        except BaseException:
+            if cache is not None:
+                cache.restore(before)
+            raise
         x = tap(self.scope, "norm", rms_norm(x, self.params["norm.weight"], config.rms_norm_eps))
         if output_hidden_states:
             # subtle: as in transformers, the last hidden state is the one *after* the final norm
@@ -248,20 +259,20 @@ class Qwen2ForCausalLM(_WithBaseModel, GenerationMixin):
                  output_hidden_states=None, return_dict=None, logits_to_keep=0, cache=None):
         """Logits [B, T, V] (only the last `logits_to_keep` positions when it is > 0), and the shifted
         next-token loss when `labels` [B, T] are given (-100 is ignored)."""
+        B, T = _batch_and_length(input_ids, inputs_embeds)
+        keep = _logits_to_keep(logits_to_keep, T)
+        if labels is not None:   # checked before the forward pass touches the cache
+            labels = check_labels(labels, self.config.vocab_size, "labels")
+            kept = T if keep is None else len(range(T)[keep])
+            if labels.shape != (B, kept):
+                raise ValueError(f"labels: expected shape (B, T) = {(B, kept)}, found {labels.shape}")
         out = self._base(input_ids, attention_mask, position_ids, _one_of(past_key_values, cache),
                          inputs_embeds, use_cache, output_attentions, output_hidden_states)
         h = out.last_hidden_state                                     # [B, T, D]
-        if isinstance(logits_to_keep, (int, np.integer)):
-            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h   # -> [B, k, D]
-        else:                                                         # positions to keep, as indices
-            h = h[:, self.xp.asarray(logits_to_keep)]
+        if keep is not None:                                          # the last k positions, or listed ones
+            h = h[:, keep if isinstance(keep, slice) else self.xp.asarray(keep)]   # -> [B, k, D]
         logits = tap(None, "logits", linear(h, self.lm_head))         # [B, k, D] -> [B, k, V]
-        loss = None
-        if labels is not None:
-            labels = check_labels(labels, self.config.vocab_size, "labels")
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels: expected shape {logits.shape[:2]} (B, T), found {labels.shape}")
-            loss = causal_lm_loss(logits, labels)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict in (None, True) else result.to_tuple()
@@ -279,13 +290,15 @@ class Qwen2ForSequenceClassification(_WithBaseModel):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                  output_hidden_states=None, return_dict=None, cache=None):
+        B, _ = _batch_and_length(input_ids, inputs_embeds)
+        if self.config.pad_token_id is None and B != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        problem_type = None if labels is None else check_sequence_labels(labels, B, self.config)
         out = self._base(input_ids, attention_mask, position_ids, _one_of(past_key_values, cache),
                          inputs_embeds, use_cache, output_attentions, output_hidden_states)
         scores = tap(None, "score", linear(out.last_hidden_state, self.params["score.weight"]))  # [B, T, C]
         B, T = scores.shape[:2]
         pad = self.config.pad_token_id
-        if pad is None and B != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
         if pad is None or input_ids is None:
             last = np.full(B, T - 1)
         else:
@@ -294,7 +307,7 @@ class Qwen2ForSequenceClassification(_WithBaseModel):
             not_pad = to_numpy(input_ids) != pad            # on the host, as the ids were checked
             last = np.argmax(np.arange(T) * not_pad, axis=-1)
         logits = tap(None, "logits", scores[self.xp.arange(B), self.xp.asarray(last)])   # -> [B, C]
-        loss = None if labels is None else sequence_classification_loss(logits, labels, self.config)
+        loss = None if labels is None else sequence_classification_loss(logits, labels, self.config, problem_type)
         result = SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                                   hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict in (None, True) else result.to_tuple()
@@ -313,6 +326,11 @@ class Qwen2ForTokenClassification(_WithBaseModel):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                  output_hidden_states=None, return_dict=None, cache=None):
+        if labels is not None:
+            labels = check_labels(labels, self.config.num_labels, "labels")
+            if labels.shape != _batch_and_length(input_ids, inputs_embeds):
+                raise ValueError(f"labels: expected shape (B, T) = {_batch_and_length(input_ids, inputs_embeds)}, "
+                                 f"found {labels.shape}")
         out = self._base(input_ids, attention_mask, position_ids, _one_of(past_key_values, cache),
                          inputs_embeds, use_cache, output_attentions, output_hidden_states)
         # the dropout before `score` is inactive at inference, as in transformers' eval mode
@@ -333,3 +351,30 @@ def _one_of(past_key_values, cache):
     if past_key_values is not None and cache is not None:
         raise TypeError("pass the cache as past_key_values or as cache, not both")
     return past_key_values if past_key_values is not None else cache
+
+
+def _batch_and_length(input_ids, inputs_embeds):
+    """(B, T) of a call, from whichever input it was given (checked in full by the base model)."""
+    given = input_ids if input_ids is not None else inputs_embeds
+    shape = tuple(getattr(given, "shape", None) or np.shape(given)) if given is not None else ()
+    if len(shape) < 2:
+        return (1, 1) if not shape else (shape[0], 0)   # the base model explains the bad shape
+    return shape[0], shape[1]
+
+
+def _logits_to_keep(logits_to_keep, T):
+    """None (every position), a slice of the last k positions, or a checked list of position indices."""
+    if isinstance(logits_to_keep, (bool, np.bool_)):
+        raise TypeError(f"logits_to_keep: expected an int or a list of positions, found {logits_to_keep!r}")
+    if isinstance(logits_to_keep, (int, np.integer)):
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep: expected an int >= 0 (0 keeps every position), found {logits_to_keep}")
+        return slice(-int(logits_to_keep), None) if logits_to_keep > 0 else None
+    positions = to_numpy(logits_to_keep)
+    if positions.ndim != 1 or not (np.issubdtype(positions.dtype, np.integer) or positions.size == 0):
+        raise TypeError(f"logits_to_keep: expected an int or a 1D list of integer positions, found "
+                        f"{type(logits_to_keep).__name__} of shape {positions.shape} and dtype {positions.dtype}")
+    bad = (positions < -T) | (positions >= T)
+    if bad.any():
+        raise ValueError(f"logits_to_keep: position {int(positions[bad][0])} is outside [-{T}, {T}) for T = {T}")
+    return positions.astype(np.int64).tolist()

@@ -96,6 +96,82 @@ def test_bad_input_does_not_corrupt_the_cache(lm):
     assert cache.get_seq_length() == 5 and good.logits.shape == (1, 1, 40)
 
 
+def cache_contents(cache):
+    return [(layer.seen, None if layer.keys is None else layer.keys.copy(),
+             None if layer.values is None else layer.values.copy()) for layer in cache.layers]
+
+
+def same_contents(a, b):
+    return all(sa == sb and (ka is None and kb is None or np.array_equal(ka, kb)) and
+               (va is None and vb is None or np.array_equal(va, vb)) for (sa, ka, va), (sb, kb, vb) in zip(a, b))
+
+
+def _raising_edit(x):
+    raise RuntimeError("an edit that fails half way through the forward pass")
+
+
+# calls that fail after the prompt was cached; each must leave the cache exactly as it was
+FAILING_STEPS = {
+    "labels out of range": (lambda m, c: m(ids(1, 1), past_key_values=c, labels=np.array([[99]])), ValueError),
+    "labels of the wrong shape": (lambda m, c: m(ids(1, 1), past_key_values=c, labels=np.array([[1, 2]])), ValueError),
+    "labels of floats": (lambda m, c: m(ids(1, 1), past_key_values=c, labels=np.array([[1.0]])), ValueError),
+    "logits_to_keep negative": (lambda m, c: m(ids(1, 1), past_key_values=c, logits_to_keep=-1), ValueError),
+    "logits_to_keep out of range": (lambda m, c: m(ids(1, 2), past_key_values=c, logits_to_keep=[0, 5]), ValueError),
+    "logits_to_keep of floats": (lambda m, c: m(ids(1, 1), past_key_values=c, logits_to_keep=[0.5]), TypeError),
+    "mask too short": (lambda m, c: m(ids(1, 1), past_key_values=c, attention_mask=np.ones((1, 2), int)), ValueError),
+    "a 4D mask of the wrong shape": (lambda m, c: m(ids(1, 1), past_key_values=c,
+                                                    attention_mask=np.zeros((1, 1, 1, 3), np.float32)), ValueError),
+    "positions of the wrong shape": (lambda m, c: m(ids(1, 1), past_key_values=c, position_ids=[[4, 5]]), ValueError),
+    "another batch size": (lambda m, c: m(ids(2, 1), past_key_values=c), qwen2np.errors.CacheError),
+    "an edit that raises in layer 1": (lambda m, c: _edit_fails(m, c), RuntimeError),
+}
+
+
+def _edit_fails(model, cache):
+    with qwen2np.trace(model, edits={"model.layers.1.mlp.act": _raising_edit}):
+        model(ids(1, 1), past_key_values=cache)
+
+
+@pytest.mark.parametrize("name", FAILING_STEPS)
+def test_a_call_that_raises_leaves_the_cache_as_it_was(lm, name):
+    """Checked before the cache is touched (labels, logits_to_keep, masks, shapes), or rolled back (a
+    failure inside the layers): the next good step gives exactly what it gives without the failed call."""
+    call, error = FAILING_STEPS[name]
+    prompt, step = ids(1, 5)[:, :4], ids(1, 5)[:, 4:]
+    cache = lm(prompt).past_key_values
+    before = cache_contents(cache)
+    with pytest.raises(error):
+        call(lm, cache)
+    assert same_contents(cache_contents(cache), before), name
+    expected = lm(step, past_key_values=lm(prompt).past_key_values).logits
+    assert np.array_equal(lm(step, past_key_values=cache).logits, expected)
+
+
+@pytest.mark.parametrize("other", [dict(num_hidden_layers=3, max_window_layers=1), dict(num_key_value_heads=3),
+                                   dict(sliding_window=4), dict(use_sliding_window=False)],
+                         ids=["layers", "KV heads", "window", "no window"])
+def test_a_cache_made_for_another_config_is_refused_naming_both(lm, other):
+    foreign_model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, **other}), seed=0)
+    cache = foreign_model(ids(1, 3)).past_key_values
+    before = cache_contents(cache)
+    with pytest.raises(qwen2np.errors.CacheError) as e:
+        lm(ids(1, 1), past_key_values=cache)
+    message = str(e.value)
+    assert "this cache was made for" in message and "this model has" in message and "2 layers" in message
+    assert same_contents(cache_contents(cache), before)
+    empty = DynamicCache.from_config(foreign_model.config)   # an empty cache of another shape: refused too
+    if other.get("num_key_value_heads") is None:
+        with pytest.raises(qwen2np.errors.CacheError):
+            lm(ids(1, 1), past_key_values=empty)
+
+
+def test_a_cache_of_another_dtype_is_refused(lm):
+    model64 = Qwen2ForCausalLM(Qwen2Config(**TINY), dtype="float64", seed=1)
+    cache = model64(ids(1, 3)).past_key_values
+    with pytest.raises(qwen2np.errors.CacheError, match="float64"):
+        lm(ids(1, 1), past_key_values=cache)
+
+
 def test_random_init_is_seeded_and_shaped_like_transformers():
     config = Qwen2Config(**TINY, initializer_range=0.05)
     a, b = Qwen2ForCausalLM(config, seed=3), Qwen2ForCausalLM(config, seed=3)
