@@ -15,6 +15,8 @@ qwen2np.errors.ConfigError: Qwen2Config: hidden_size 100 is not divisible by num
 
 import copy
 import json
+import math
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError
@@ -63,6 +65,8 @@ ROPE_TYPES = {  # rope_type -> the keys it requires besides rope_type and rope_t
     "dynamic": {"factor"},
     "yarn": {"factor", "original_max_position_embeddings"},
 }
+# rope_parameters keys that scale or divide, so must be > 0 (the others, e.g. beta_fast, only be finite)
+_POSITIVE_ROPE_KEYS = {"rope_theta", "factor", "original_max_position_embeddings", "attention_factor"}
 ACTIVATIONS = ("silu", "swish", "relu", "gelu_pytorch_tanh", "gelu_new")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
@@ -73,6 +77,11 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    """A finite int or float (not a bool, not NaN or ±inf)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class Qwen2Config:
@@ -148,7 +157,14 @@ class Qwen2Config:
         rope = dict(rope or {})
         if "type" in rope:  # legacy key of rope_scaling
             rope.setdefault("rope_type", rope.pop("type"))
-        rope.setdefault("rope_theta", float(rope_theta) if rope_theta is not None else 10000.0)
+        if rope_theta is not None and "rope_theta" in rope and rope["rope_theta"] != rope_theta:
+            # subtle: transformers 5.24 keeps rope_parameters' value without a word (setdefault); the same
+            # here, but said aloud, since one of the two numbers in the file is wrong (docs/model.md)
+            warnings.warn(f"Qwen2Config: the top-level rope_theta {rope_theta!r} contradicts "
+                          f"rope_parameters.rope_theta {rope['rope_theta']!r}; rope_parameters wins, as in "
+                          "transformers", stacklevel=4)
+        rope.setdefault("rope_theta", float(rope_theta) if _is_number(rope_theta) else
+                        10000.0 if rope_theta is None else rope_theta)
         rope.setdefault("rope_type", "default")
         if rope["rope_type"] == "yarn":
             rope.setdefault("original_max_position_embeddings", self.max_position_embeddings)
@@ -197,8 +213,12 @@ class Qwen2Config:
                 f"Qwen2Config.hidden_act: unknown activation {self.hidden_act!r}; "
                 f"qwen2np knows {', '.join(ACTIVATIONS)}"
             )
-        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
-            raise ConfigError(f"Qwen2Config.rms_norm_eps: expected a positive float, found {self.rms_norm_eps!r}")
+        if not _is_number(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            raise ConfigError(f"Qwen2Config.rms_norm_eps: expected a finite positive float, found {self.rms_norm_eps!r}")
+        for name in ("initializer_range", "attention_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                raise ConfigError(f"Qwen2Config.{name}: expected a finite number >= 0, found {value!r}")
         self._validate_rope()
         self._validate_layer_types()
         if self.problem_type not in PROBLEM_TYPES:
@@ -224,10 +244,13 @@ class Qwen2Config:
                 f"Qwen2Config.rope_parameters: rope_type {kind!r} needs {', '.join(sorted(missing))}; "
                 f"found keys {sorted(rope)}"
             )
-        if not isinstance(rope["rope_theta"], (int, float)) or rope["rope_theta"] <= 0:
-            raise ConfigError(f"Qwen2Config.rope_parameters.rope_theta: expected a positive number, found {rope['rope_theta']!r}")
-        if "factor" in rope and (not isinstance(rope["factor"], (int, float)) or rope["factor"] <= 0):
-            raise ConfigError(f"Qwen2Config.rope_parameters.factor: expected a positive number, found {rope['factor']!r}")
+        for key, value in rope.items():   # every number a RoPE type reads: finite, and positive where it scales
+            if key in ("rope_type", "type") or (key == "truncate" and isinstance(value, bool)):
+                continue
+            if value is not None and not _is_number(value):
+                raise ConfigError(f"Qwen2Config.rope_parameters.{key}: expected a finite number, found {value!r}")
+            if key in _POSITIVE_ROPE_KEYS and value is not None and value <= 0:
+                raise ConfigError(f"Qwen2Config.rope_parameters.{key}: expected a positive number, found {value!r}")
 
     def _validate_layer_types(self):
         types = self.layer_types

@@ -1,6 +1,7 @@
 """Qwen2Config: fields and defaults as transformers 5.24, both config.json forms, errors that name the field."""
 
 import json
+import math
 
 import pytest
 
@@ -113,3 +114,49 @@ def test_file_errors(tmp_path):
 def test_unknown_keys_survive():
     c = Qwen2Config(my_extra_key=[1, 2])
     assert c.my_extra_key == [1, 2] and c.to_dict()["my_extra_key"] == [1, 2]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rms_norm_eps", float("nan")), ("rms_norm_eps", float("inf")), ("rms_norm_eps", True),
+    ("initializer_range", float("nan")), ("attention_dropout", float("inf")),
+    ("rope_theta", float("nan")), ("rope_theta", float("inf")), ("rope_theta", -1.0),
+])
+def test_nan_and_inf_are_refused_naming_the_field(field, value):
+    """A NaN eps or theta would give NaN outputs everywhere: refused, naming the field, in both config
+    forms (a 4.x top-level rope_theta and a 5.x rope_parameters)."""
+    with pytest.raises(ConfigError, match=field):
+        Qwen2Config(**{field: value})
+    if field == "rope_theta":
+        with pytest.raises(ConfigError, match="rope_parameters.rope_theta"):
+            Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": value})
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": float("nan")},
+    {"rope_type": "dynamic", "factor": float("inf")},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": float("nan")},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "attention_factor": float("inf")},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": float("nan")},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": "1"},
+])
+def test_nan_and_inf_rope_factors_are_refused(rope):
+    bad = next(k for k, v in rope.items() if k != "rope_type" and not (isinstance(v, (int, float)) and math.isfinite(v)))
+    with pytest.raises(ConfigError, match=f"rope_parameters.{bad}"):
+        Qwen2Config(max_position_embeddings=32, rope_parameters=rope)
+
+
+def test_yarn_truncate_flag_is_accepted():
+    c = Qwen2Config(max_position_embeddings=32, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "truncate": False})
+    assert c.rope_parameters["truncate"] is False
+
+
+def test_a_contradicting_top_level_rope_theta_is_reported():
+    """transformers 5.24 keeps rope_parameters' theta without a word; qwen2np keeps it too, and warns."""
+    with pytest.warns(UserWarning, match="rope_theta 10000.0 contradicts rope_parameters.rope_theta 1000000.0"):
+        c = Qwen2Config(rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert c.rope_parameters["rope_theta"] == 1e6
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # agreeing values: no warning
+        Qwen2Config(rope_theta=1e6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
