@@ -56,6 +56,11 @@ class TokenizerInputError(Qwen2npError, ValueError):
     truncation strategy, return_tensors other than "np", a batch that cannot become one array."""
 
 
+class TokenizerTypeError(TokenizerInputError, TypeError):
+    """A tokenizer argument has the wrong type: a text that is not a str, an id that is not an int, a
+    path that is not a path. Both a TypeError (the natural builtin) and a TokenizerInputError."""
+
+
 class TraceError(Qwen2npError, ValueError):
     """A trace edit is misused: it returns something other than an array of the same shape and dtype, a
     patch does not fit the tensor it replaces, a head index is out of range."""
