@@ -262,3 +262,58 @@ def test_transformers_loads_what_we_save(oracle, tmp_path, dtype, shard):
     for name, w in state.items():
         expected = w if dtype is None else w.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
         np.testing.assert_array_equal(theirs[name].numpy(), expected.astype(np.float32))
+
+
+def _hub_cache_snapshot(root, max_shard_bytes=520, repo="models--Qwen--Tiny"):
+    """A Hugging Face hub cache as huggingface_hub lays it out: every file stored once in blobs/ under its
+    hash, and the snapshot folder holding relative links `../../blobs/<hash>` to them."""
+    import hashlib
+
+    written = root / "written"
+    tensors = _tensors()
+    save_hf_folder(written, CONFIG, tensors, max_shard_bytes=max_shard_bytes)
+    blobs, snapshot = root / repo / "blobs", root / repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (root / repo / "refs").mkdir()
+    (root / repo / "refs" / "main").write_text("0123abcd")
+    for path in written.iterdir():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        path.rename(blobs / digest)
+        (snapshot / path.name).symlink_to(f"../../blobs/{digest}")
+    return snapshot, tensors
+
+
+def test_a_sharded_hub_cache_snapshot_loads(tmp_path):
+    """Every shard of a snapshot is a link out of the snapshot folder into the repository's blobs/."""
+    snapshot, tensors = _hub_cache_snapshot(tmp_path)
+    assert (snapshot / "model.safetensors.index.json").is_symlink()
+    ckpt = load_checkpoint(snapshot)
+    for name, w in tensors.items():
+        np.testing.assert_array_equal(ckpt.tensors[name], w)
+    assert ckpt.origin["model.norm.weight"].startswith("model-000")
+
+
+def test_a_hub_cache_snapshot_link_leaving_the_repository_is_refused(tmp_path):
+    snapshot, _ = _hub_cache_snapshot(tmp_path)
+    index = json.loads((snapshot / "model.safetensors.index.json").read_text())
+    shard = next(iter(index["weight_map"].values()))
+    target = (snapshot / shard).resolve()
+    outside = tmp_path / "elsewhere.safetensors"          # the same bytes, but outside models--Qwen--Tiny
+    outside.write_bytes(target.read_bytes())
+    (snapshot / shard).unlink()
+    (snapshot / shard).symlink_to(outside)
+    with pytest.raises(CheckpointError, match="outside .*models--Qwen--Tiny"):
+        load_checkpoint(snapshot)
+
+
+def test_a_folder_that_only_looks_like_a_snapshot_keeps_its_own_bounds(tmp_path):
+    """snapshots/<rev> under a folder that is not a hub repository (no models--… name, no blobs/): links
+    must stay inside the folder itself."""
+    folder = tmp_path / "project" / "snapshots" / "v1"
+    folder.mkdir(parents=True)
+    write_safetensors(tmp_path / "project" / "x.safetensors", {"w": np.ones(2, np.float32)})
+    (folder / "link.safetensors").symlink_to(tmp_path / "project" / "x.safetensors")
+    _index(folder, {"w": "link.safetensors"})
+    with pytest.raises(CheckpointError, match="outside"):
+        load_checkpoint(folder)

@@ -81,3 +81,36 @@ def test_offline_for_real(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
     kind, message = out.rstrip("\n").split("\n")  # exactly one line of message
     assert kind == "DownloadError" and "could not be fetched from the Hugging Face Hub" in message
+
+
+def test_a_sharded_model_from_a_hub_cache_snapshot(monkeypatch, tmp_path):
+    """A hub id resolves to a snapshot whose shards are links into the repository's blobs/ (as
+    huggingface_hub lays out its cache): the model loads, given as the id or as the snapshot path."""
+    import hashlib
+
+    import huggingface_hub
+    import numpy as np
+
+    from qwen2np import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+    config = Qwen2Config(vocab_size=151665, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2ForCausalLM(config, seed=0)
+    written = tmp_path / "written"
+    model.save_pretrained(written, max_shard_bytes=4_000_000)
+    Qwen2Tokenizer.from_pretrained().save_pretrained(written)
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2-Tiny"
+    snapshot = repo / "snapshots" / "5e6f7a8b"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in written.iterdir():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        path.rename(repo / "blobs" / digest)
+        (snapshot / path.name).symlink_to(f"../../blobs/{digest}")
+    assert len(list(snapshot.glob("model-*.safetensors"))) > 1
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(snapshot))
+    ids = np.array([[9707, 1879]])
+    for spec in ("Qwen/Qwen2-Tiny", snapshot):
+        loaded = Qwen2ForCausalLM.from_pretrained(spec)
+        assert np.array_equal(loaded(ids).logits, model(ids).logits)
+        assert Qwen2Tokenizer.from_pretrained(spec)("Hello world")["input_ids"] == [9707, 1879]

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputExistsError
 from .checkpoint import Checkpoint
+from .folders import check_target, write_folder
 from .safetensors_file import load_safetensors, read_safetensors_header, write_safetensors
 
 __all__ = ["load_hf_folder", "load_safetensors_file", "save_hf_folder", "read_json"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # weight files qwen2np will not read, and why
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 _OTHER_FRAMEWORKS = ("tf_model.h5", "flax_model.msgpack")
@@ -152,30 +152,79 @@ def _inside(folder, file, tensor):
         raise CheckpointError(f"{folder / INDEX}: tensor {tensor!r} names shard {file!r}, which is not a "
                               f"file inside {folder}; shard names must be relative, without '..'")
     path = folder / file
+    root = _link_root(folder)
     try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:  # a symlink out of the folder
+        path.resolve().relative_to(root)
+    except ValueError:  # a symlink out of the folder (or out of the hub cache's repository folder)
         raise CheckpointError(f"{folder / INDEX}: shard {file!r} (tensor {tensor!r}) resolves to "
-                              f"{path.resolve()}, outside {folder}") from None
+                              f"{path.resolve()}, outside {root}") from None
     return path
 
 
-def save_hf_folder(folder, config, tensors, generation_config=None, max_shard_bytes=None, dtype=None):
-    """Write `config.json`, the weights and `generation_config.json` (when given) into `folder`.
+def _link_root(folder):
+    """The folder the shards' links may resolve into: `folder` itself or, for a snapshot in a Hugging Face
+    hub cache, the repository's cache folder.
+
+    subtle: a hub cache keeps each file once, in `models--org--name/blobs/<hash>`, and a snapshot
+    `models--org--name/snapshots/<revision>/` holds only links to them (`../../blobs/<hash>`), so every
+    shard of a snapshot resolves outside the snapshot folder, but never outside `models--org--name`.
+    """
+    resolved = folder.resolve()
+    repository = resolved.parent.parent
+    if (resolved.parent.name == "snapshots" and repository.name.startswith(("models--", "datasets--", "spaces--"))
+            and (repository / "blobs").is_dir()):
+        return repository
+    return resolved
+
+
+def save_hf_folder(folder, config, tensors, generation_config=None, max_shard_bytes=None, dtype=None,
+                   overwrite=None):
+    """Write `config.json`, the weights and `generation_config.json` (when given) as the folder `folder`.
 
     `dtype` ("float32", "bfloat16", "float16"; None keeps each array's dtype) converts while writing,
     a chunk at a time, and is recorded as `config["dtype"]`. With `max_shard_bytes`, the weights are
     split into `model-0000i-of-0000n.safetensors` files of at most that size (a bigger tensor gets a
     file of its own) with a `model.safetensors.index.json`; otherwise one `model.safetensors`.
-    Weight files of the other layout left by an earlier save are removed, since a stale
-    `model.safetensors` would shadow new shards. transformers 5.24 and the `safetensors` package read
-    the result.
+    transformers 5.24 and the `safetensors` package read the result.
+
+    The folder is written whole (qwen2np/io/folders.py): into a temporary sibling that then replaces
+    `folder`, so no reader sees half a checkpoint or a new config beside old weights, and an error
+    (or Ctrl-C) leaves `folder` as it was. `overwrite` says what may be replaced:
+
+    * None (the default): an absent or empty folder is written; a Hugging Face folder (one with a
+      config.json, or holding only model and tokenizer files) gets a new set of model files
+      (config.json, generation_config.json, weights and index: the old ones all go, so no stale
+      shard or generation config outlives the save) and keeps its other files, such as the
+      tokenizer's, whichever was saved first. Any other folder that holds files is refused
+      (`OutputExistsError`): it is not a model folder, and a model written into it is likely a
+      mistake (a wrong path, a project folder).
+    * True: the folder is replaced whole, whatever it held (nothing is kept).
+    * False: a folder that holds anything is refused.
     """
     if dtype is not None and str(dtype) not in _WRITE_ITEMSIZE:
         raise CheckpointError(f"save_hf_folder: dtype must be one of {', '.join(_WRITE_ITEMSIZE)} or None, "
                               f"found {dtype!r}")
+    if overwrite not in (None, True, False):
+        raise CheckpointError(f"save_hf_folder: overwrite must be None, True or False, found {overwrite!r}")
+    keep = None
+    if overwrite is None:
+        target = check_target(folder, overwrite=True)  # a file there is refused in any case
+        present = sorted(os.listdir(target)) if target.is_dir() else []
+        if present:
+            if "config.json" not in present and not all(_is_model_file(n) or n in _HF_OTHER_FILES for n in present):
+                strangers = [n for n in present if not (_is_model_file(n) or n in _HF_OTHER_FILES)]
+                raise OutputExistsError(
+                    f"{folder}: holds files that are not a Hugging Face model folder's ({', '.join(strangers[:3])}"
+                    f"{' ...' if len(strangers) > 3 else ''}) and no config.json; pass overwrite=True to "
+                    f"replace the folder whole, or save into another folder")
+            keep = lambda name: not _is_model_file(name)  # noqa: E731  (the tokenizer's files, a README)
+    with write_folder(folder, overwrite=overwrite is not False, keep=keep) as tmp:
+        write_hf_files(tmp, config, tensors, generation_config, max_shard_bytes, dtype)
+
+
+def write_hf_files(folder, config, tensors, generation_config=None, max_shard_bytes=None, dtype=None):
+    """The files of `save_hf_folder`, written into `folder` as it is (a fresh folder of `write_folder`)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = dict(config)
     if dtype is not None:
         config["dtype"] = str(dtype)
@@ -186,7 +235,6 @@ def save_hf_folder(folder, config, tensors, generation_config=None, max_shard_by
     itemsize = {name: _itemsize(array, dtype) for name, array in tensors.items()}
     sizes = {name: int(np.prod(array.shape, dtype=np.int64)) * itemsize[name] for name, array in tensors.items()}
     groups = _shard_groups(sorted(tensors), sizes, max_shard_bytes)
-    stale = [folder / SINGLE, folder / INDEX] + [p for p in folder.iterdir() if _SHARD_NAME.fullmatch(p.name)]
     if len(groups) == 1 and max_shard_bytes is None:
         files = [SINGLE]
     else:
@@ -202,10 +250,21 @@ def save_hf_folder(folder, config, tensors, generation_config=None, max_shard_by
             "weight_map": {name: file for file, names in zip(files, groups) for name in names},
         }
         _write_json(folder / INDEX, index)
-    written = set(files) | ({INDEX} if files != [SINGLE] else set())
-    for path in stale:
-        if path.name not in written and path.exists():
-            path.unlink()
+
+
+# The files of a model in a Hugging Face folder (replaced as a set by save_hf_folder), and the other files
+# such a folder holds (kept)
+_MODEL_FILE = re.compile(r"(config|generation_config)\.json"
+                         r"|model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?"
+                         r"|pytorch_model(-\d{5}-of-\d{5})?\.bin(\.index\.json)?"
+                         r"|model\.(pt|pth|ckpt)|tf_model\.h5|flax_model\.msgpack")
+_HF_OTHER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                   "README.md", ".gitattributes", "LICENSE"}
+
+
+def _is_model_file(name):
+    return _MODEL_FILE.fullmatch(name) is not None
 
 
 def _shard_groups(names, sizes, max_shard_bytes):
