@@ -50,6 +50,9 @@ def worker(side, gguf, ids, new_tokens):
                                   do_sample=False).numpy()
     else:
         import qwen2np
+        from qwen2np.memory import apply_environment
+
+        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
 
         model = qwen2np.Qwen2ForCausalLM.from_pretrained(gguf)
 

@@ -49,6 +49,9 @@ def worker(side, folder, repeats):
             return out, out.past_key_values
     else:
         import qwen2np
+        from qwen2np.memory import apply_environment
+
+        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
 
         model = qwen2np.Qwen2ForCausalLM.from_pretrained(folder)
         load = time.perf_counter() - t0

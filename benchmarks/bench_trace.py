@@ -23,6 +23,9 @@ import numpy as np
 
 import qwen2np
 from qwen2np import attention, layers, modeling, tracing
+from qwen2np.memory import apply_environment
+
+apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
 
 
 def identity(scope, name, x):

@@ -52,6 +52,9 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    from ..memory import apply_environment
+
+    apply_environment(default=True)   # the command line owns its process: keep freed memory (memory.py)
     try:
         return _module(args.command).run(args) or 0
     except Qwen2npError as e:
