@@ -116,7 +116,7 @@ def _rewrite(folder, change):
 
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.update(format_version=2), "format_version: expected 1"),
-    (lambda m: m.update(dtype="bfloat16"), "dtype: expected 'float32' or 'float64'"),
+    (lambda m: m.update(dtype="int8"), "dtype: expected one of 'float32', 'float64', 'bfloat16', 'float16'"),
     (lambda m: m.update(input_ids=[[1, 2], [3]]), "input_ids: expected"),
     (lambda m: m.update(attention_mask=[[1, 2, 1]]), "attention_mask: expected"),
     (lambda m: m["passes"][0].update(start=1), r"passes\[0\]: expected an object with start = 0"),

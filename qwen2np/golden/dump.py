@@ -29,6 +29,8 @@ from ..errors import CheckpointError, DumpError
 FORMAT = "qwen2np-dump"
 FORMAT_VERSION = 1
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
+# compute dtypes a dump may declare: a port in half precision writes its tensors as it computed them
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def tensor_key(name, pass_index):
@@ -203,8 +205,8 @@ def check_manifest(manifest, where):
     if manifest.get("format_version") != FORMAT_VERSION:
         fail("format_version", f"{FORMAT_VERSION} (this qwen2np reads version {FORMAT_VERSION})",
              manifest.get("format_version"))
-    if manifest.get("dtype") not in ("float32", "float64"):
-        fail("dtype", "'float32' or 'float64'", manifest.get("dtype"))
+    if manifest.get("dtype") not in DTYPES:
+        fail("dtype", f"one of {', '.join(map(repr, DTYPES))}", manifest.get("dtype"))
     ids = manifest.get("input_ids")
     if (not isinstance(ids, list) or not ids or not all(isinstance(r, list) and r for r in ids)
             or len({len(r) for r in ids}) != 1
