@@ -11,7 +11,7 @@ import numpy as np
 from .backend import backend as array_backend
 from .config import Qwen2Config
 from .errors import CheckpointError
-from .memory import keep_freed_memory
+from .memory import apply_environment as apply_memory_environment
 from .weights import check_memory, check_shapes, random_parameters
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -63,7 +63,7 @@ class Qwen2PreTrainedModel:
         return model
 
     def _setup(self, config, dtype, params):
-        keep_freed_memory()   # a forward pass reuses freed blocks instead of faulting in fresh ones (memory.py)
+        apply_memory_environment(default=False)   # malloc left alone unless QWEN2NP_KEEP_FREED_MEMORY=1 (memory.py)
         self.config = config
         self.dtype = dtype
         self.xp = np
