@@ -10,7 +10,7 @@ from .backend import array_module
 from .layers import linear, softmax
 from .rope import apply_rope
 from .tracing import active as tracing_active
-from .tracing import tap
+from .tracing import listens, tap
 
 
 # Outside a trace, and when nobody asked for the [B, H, T, S] probabilities, a long forward pass is
@@ -99,4 +99,19 @@ def self_attention(x, p, cos, sin, mask, cache_layer, num_heads, num_kv_heads, h
     context, probs = grouped_query_attention(q, k, v, mask.bias, head_dim ** -0.5, scope, need_probs, mask.span)
     context = context.transpose(0, 2, 1, 3).reshape(B, T, H * HD)   # [B, H, T, HD] -> [B, T, H*HD]
     context = tap(scope, "context", context)
-    return tap(scope, "o_proj", linear(context, p["o_proj.weight"])), probs   # -> [B, T, D]
+    out = linear(context, p["o_proj.weight"])                        # [B, T, H*HD] -> [B, T, D]
+    if listens(scope, "head_out"):   # only under a trace that asks for it: H times the work of o_proj
+        # head h's share of o_proj: its HD features of context through its HD input columns of o_proj.
+        # Row h of `alone` keeps head h's features and zeros elsewhere, so that the product is linear()
+        # on the weight as the model holds it; the zeros add exactly nothing.
+        alone = array_module(context).zeros((B, H, T, H * HD), dtype=context.dtype)   # [B, H, T, H*HD]
+        for h in range(H):
+            alone[:, h, :, h * HD:(h + 1) * HD] = context[:, :, h * HD:(h + 1) * HD]
+        head_out = linear(alone, p["o_proj.weight"])                 # -> [B, H, T, D]
+        edited = tap(scope, "head_out", head_out)
+        if edited is not head_out:
+            # subtle: an edit of head_out replaces the attention output: o_proj becomes the sum over heads
+            # of what the edit returned. Recording alone (or an edit that returns its argument) changes
+            # nothing: o_proj stays the product above, bit for bit (docs/intermediates.md)
+            out = edited.sum(axis=1)                                 # [B, H, T, D] -> [B, T, D]
+    return tap(scope, "o_proj", out), probs                          # [B, T, D]

@@ -55,7 +55,7 @@ def decoder_layer(x, w, cos, sin, mask, cache_layer, config, scope, output_atten
         config.num_attention_heads, config.num_key_value_heads, config.head_dim, f"{scope}.self_attn",
         need_probs=output_attentions,
     )
-    x = x + attn                                                   # residual
+    x = tap(scope, "resid_mid", x + attn)                          # residual: the stream after attention
     h = tap(scope, "post_attention_layernorm", rms_norm(x, w["post_attention_layernorm.weight"], eps))
     x = x + swiglu_mlp(h, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"],
                        ACT2FN[config.hidden_act], f"{scope}.mlp")  # residual

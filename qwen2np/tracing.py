@@ -40,12 +40,12 @@ _running = contextvars.ContextVar("qwen2np_running", default=())   # models whos
 LAYER_NAMES = (
     "input_layernorm",
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.q_rope", "self_attn.k_rope",
-    "self_attn.scores", "self_attn.mask", "self_attn.probs", "self_attn.context", "self_attn.o_proj",
-    "post_attention_layernorm",
+    "self_attn.scores", "self_attn.mask", "self_attn.probs", "self_attn.context", "self_attn.head_out",
+    "self_attn.o_proj", "resid_mid", "post_attention_layernorm",
     "mlp.gate_proj", "mlp.up_proj", "mlp.act", "mlp.down_proj",
 )
 # intermediates laid out [B, heads, T, …]; the last three also have a key axis S: [B, heads, T, S]
-_HEAD_MAJOR = {"q_rope", "k_rope", "scores", "mask", "probs"}
+_HEAD_MAJOR = {"q_rope", "k_rope", "head_out", "scores", "mask", "probs"}
 _KEY_AXIS = {"scores", "mask", "probs"}
 
 
@@ -63,6 +63,26 @@ def tap(scope, name, x):
         full_name = full_name or (scope if name is None else f"{scope}.{name}" if scope else name)
         x = t._visit(full_name, x)
     return x
+
+
+def listens(scope, name):
+    """True when a trace active in this context, for the running model, records or edits `scope.name`.
+
+    For intermediates that cost something to make and that the forward pass does not need
+    (`self_attn.head_out`): they are computed only when someone listens. One context-variable read when
+    no trace is active.
+
+    >>> listens("demo", "double")
+    False
+    >>> with Trace(None, "demo.*"):
+    ...     listens("demo", "double"), listens("other", "double")
+    (True, False)
+    """
+    traces = _active.get()
+    if not traces:
+        return False
+    full_name = scope if name is None else f"{scope}.{name}" if scope else name
+    return any(t._matches(full_name) for t in _listening(traces))
 
 
 def _listening(traces):
@@ -115,7 +135,7 @@ def intermediate_names(num_hidden_layers, prefix="model", head=("logits",)):
 
     >>> names = intermediate_names(2)
     >>> len(names), names[:4], names[-2:]
-    (39, ['model.embed_tokens', 'model.rotary_emb.cos', 'model.rotary_emb.sin', 'model.layers.0.input_layernorm'], ['model.norm', 'logits'])
+    (43, ['model.embed_tokens', 'model.rotary_emb.cos', 'model.rotary_emb.sin', 'model.layers.0.input_layernorm'], ['model.norm', 'logits'])
     """
     p = f"{prefix}." if prefix else ""
     names = [f"{p}embed_tokens", f"{p}rotary_emb.cos", f"{p}rotary_emb.sin"]
@@ -172,6 +192,11 @@ class Trace:
         # by identity, not by token: a trace left out of order (a generator closed late) still leaves
         _active.set(tuple(t for t in _active.get() if t is not self))
         return False
+
+    def _matches(self, name):
+        """Whether this trace records or edits `name`."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns) or \
+            any(fnmatch.fnmatchcase(name, p) for p in self.edits)
 
     def _visit(self, name, x):
         for pattern, edit in self.edits.items():

@@ -6,7 +6,10 @@
 
 PATH is a Hugging Face folder or a .gguf file (loaded with `gguf_file=`, dequantized to float32 by
 transformers itself). The model runs with eager attention, in float32, or in float64 (converted after
-loading, which is exact). qwen2np must never import torch or transformers, so this side lives here.
+loading, which is exact), or in bfloat16 or float16 (`--dtype`; converted after loading, which rounds
+every weight to the nearest half-precision value, as `from_pretrained(dtype=torch.bfloat16)` does): a
+real half-precision port, with its tensors dumped in its own dtype (docs/tolerances.md measures them).
+qwen2np must never import torch or transformers, so this side lives here.
 
 How each name of docs/intermediates.md is captured:
 
@@ -32,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import torch
 import transformers
@@ -46,6 +50,7 @@ from qwen2np.tracing import intermediate_names
 
 _ORIGINAL_EAGER = modeling_qwen2.eager_attention_forward
 _ORIGINAL_ROPE = modeling_qwen2.apply_rotary_pos_emb
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -- transformers' eager attention, line for line, with the three names it does not expose -----------
@@ -119,6 +124,14 @@ def float64_everywhere():
 # -- recording ----------------------------------------------------------------------------------------
 
 
+def to_numpy(tensor):
+    """A torch tensor as a NumPy array of the same dtype (bfloat16 as ml_dtypes.bfloat16, bit for bit)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:   # NumPy has no bfloat16: reinterpret the 16 bits
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return tensor.numpy().copy()
+
+
 class Recorder:
     """Hooks and wrappers that record the intermediates of a transformers Qwen2ForCausalLM by qwen2np name."""
 
@@ -135,7 +148,7 @@ class Recorder:
 
     def record(self, name, tensor):
         if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
-            self.passes[-1][name] = tensor.detach().cpu().numpy().copy()
+            self.passes[-1][name] = to_numpy(tensor)
 
     def new_pass(self):
         self.passes.append({})
@@ -179,12 +192,23 @@ class Recorder:
                 self.scope = module_name
             return [module.register_forward_pre_hook(enter)]
         if last == "o_proj":
-            return [module.register_forward_pre_hook(lambda mod, args: self.record(f"{module_name[:-7]}.context", args[0])),
+            def context_and_heads(mod, args):
+                self.record(f"{module_name[:-7]}.context", args[0])
+                name = f"{module_name[:-7]}.head_out"
+                if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):   # H times o_proj's work
+                    B, T, _ = args[0].shape
+                    H = self.model.config.num_attention_heads
+                    w = mod.weight.view(mod.weight.shape[0], H, -1)                 # [D, H, HD]
+                    self.record(name, torch.einsum("bthk,dhk->bhtd", args[0].view(B, T, H, -1), w))
+            return [module.register_forward_pre_hook(context_and_heads),
+                    module.register_forward_hook(output_as(module_name))]
+        if last == "post_attention_layernorm":   # its input is the residual stream after attention
+            return [module.register_forward_pre_hook(lambda mod, args: self.record(f"{module_name[:-25]}.resid_mid", args[0])),
                     module.register_forward_hook(output_as(module_name))]
         if last == "act_fn":
             return [module.register_forward_hook(output_as(module_name[:-len("act_fn")] + "act"))]
         if module_name in ("model.embed_tokens", "model.norm") or module_name.startswith("model.layers.") and (
-                last.isdigit() or last in ("input_layernorm", "post_attention_layernorm", "q_proj", "k_proj",
+                last.isdigit() or last in ("input_layernorm", "q_proj", "k_proj",
                                            "v_proj", "gate_proj", "up_proj", "down_proj")):
             return [module.register_forward_hook(output_as(module_name))]
         return []
@@ -215,15 +239,18 @@ class Recorder:
 
 
 def load_model(path, dtype="float32"):
-    """transformers' Qwen2ForCausalLM from a folder or a .gguf file, eager attention, in `dtype`."""
+    """transformers' Qwen2ForCausalLM from a folder or a .gguf file, eager attention, in `dtype` (float32,
+    float64, bfloat16, float16: loaded in float32, then converted)."""
     path = Path(path)
     kwargs = dict(dtype=torch.float32, attn_implementation="eager")
     if path.suffix == ".gguf":
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if dtype == "float64":
-        model = model.to(torch.float64)   # exact: every float32 value is a float64 value
+    if dtype != "float32":
+        # float64: exact (every float32 value is a float64 value); bfloat16, float16: each weight rounded
+        # to the nearest value, what loading a half-precision checkpoint gives
+        model = model.to(DTYPES[dtype])
     return model.eval()
 
 
@@ -258,10 +285,10 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
                         cache=cache, use_cache=len(plan) > 1)
             cache = out.cache
     passes = [{"start": s, "length": n, "tensors": recorder.ordered(i)} for i, (s, n) in enumerate(plan)]
-    dtype = {torch.float32: "float32", torch.float64: "float64"}[model.dtype]
+    dtype = {t: name for name, t in DTYPES.items()}[model.dtype]
     weights = None
-    if fingerprint is not None:
-        weights = weights_fingerprint({n: t.detach().cpu().numpy() for n, t in model.state_dict().items()}, fingerprint)
+    if fingerprint is not None:   # of the weights as the model holds them: rounded, in half precision
+        weights = weights_fingerprint({n: to_numpy(t) for n, t in model.state_dict().items()}, fingerprint)
     description = {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
                    "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
                    "weights_fingerprint": weights}
@@ -275,6 +302,9 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="dump_transformers.py", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    dtype_flag = next(a for a in parser._actions if a.dest == "dtype")
+    dtype_flag.choices = list(DTYPES)   # qwen2np dump computes in float32 or float64; transformers also in half
+    dtype_flag.help = "compute dtype (bfloat16, float16: the weights rounded, as a half-precision port holds them)"
     parser.add_argument("--float64-everywhere", action="store_true",
                         help="with --dtype float64, also run RMSNorm, softmax and RoPE in float64 (docs/float64.md)")
     args = parser.parse_args(argv)
@@ -292,7 +322,7 @@ def main(argv=None):
         model = load_model(path, args.dtype)
         dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
                            FINGERPRINT_METHODS[args.fingerprint], args.float64_everywhere)
-        folder = write_dump(dump, args.out)
+        folder = write_dump(dump, args.out, overwrite=args.overwrite)
     except Qwen2npError as e:
         print(f"dump_transformers.py: error: {e}", file=sys.stderr)
         return 1

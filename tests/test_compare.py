@@ -94,15 +94,15 @@ def test_identical_dumps_agree_exactly(model):
     dump = record_dump(model, IDS, MASK, decode_steps=2, fingerprint=None)
     c = compare_dumps(dump, dump)
     assert c.ok and c.first_failure is None and all(t.max_abs == 0 and t.nmse_db is None for t in c.tensors)
-    assert len(c.tensors) == 3 * len(model.intermediate_names()) == 117
-    assert "ok: all 117 tensors within tolerance" in format_report(c)
+    assert len(c.tensors) == 3 * len(model.intermediate_names()) == 129
+    assert "ok: all 129 tensors within tolerance" in format_report(c)
 
 
 @pytest.mark.parametrize("weight, first", [
     ("model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj"),
     ("model.layers.1.self_attn.k_proj.bias", "model.layers.1.self_attn.k_proj"),
     ("model.layers.0.post_attention_layernorm.weight", "model.layers.0.post_attention_layernorm"),
-    ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.o_proj"),
+    ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.head_out"),   # each head's share of o_proj
     ("model.norm.weight", "model.norm"),
     ("lm_head.weight", "logits"),
 ])
@@ -164,7 +164,7 @@ def test_names_in_one_dump_only_are_listed(model):
     a = record_dump(model, IDS, MASK, include=["model.layers.1.*", "logits"], fingerprint=None)
     b = record_dump(model, IDS, MASK, include=["logits", "model.norm"], fingerprint=None)
     c = compare_dumps(a, b)
-    assert [t.name for t in c.tensors] == ["logits"] and "model.norm" in c.only_in_b and len(c.only_in_a) == 16
+    assert [t.name for t in c.tensors] == ["logits"] and "model.norm" in c.only_in_b and len(c.only_in_a) == 18
 
 
 def run_cli(*args):
@@ -178,7 +178,7 @@ def test_the_compare_command_exit_codes_and_json(model, tmp_path):
                      tmp_path / "bad")
     other = write_dump(record_dump(model, [IDS[0]]), tmp_path / "other")
     r = run_cli("compare", good, good)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok: all 39 tensors within tolerance"), r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok: all 43 tensors within tolerance"), r.stdout + r.stderr
     r = run_cli("compare", bad, good, "--brief")
     assert r.returncode == 1
     assert "the first, in forward order, is model.layers.1.mlp.up_proj" in r.stdout

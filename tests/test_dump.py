@@ -155,7 +155,7 @@ def test_the_dump_command_end_to_end(tiny_folder, tmp_path, model):
                     "--attention-mask", "[[1, 1, 1, 1], [0, 0, 1, 1]]", "--include", "model.layers.1.*", "logits",
                     "--decode-steps", "1", "--out", out)
     assert r.returncode == 0, r.stderr
-    assert "wrote 34 tensors" in r.stderr
+    assert "wrote 38 tensors" in r.stderr
     dump = read_dump(out)
     assert dump.manifest["attention_mask"] == [[1, 1, 1, 1], [0, 0, 1, 1]]
     expected = record_dump(model, [[5, 6, 7, 8], [0, 0, 9, 10]], [[1, 1, 1, 1], [0, 0, 1, 1]],

@@ -43,7 +43,7 @@ def test_every_intermediate_matches_transformers(ours, theirs):
     assert [e["key"] for _, e in ours.entries()] == [e["key"] for _, e in theirs.entries()]
     c = compare_dumps(ours, theirs)
     assert c.ok, format_report(c, brief=True)
-    assert len(c.tensors) == 3 * (3 + 24 * 17 + 2)
+    assert len(c.tensors) == 3 * (3 + 24 * 19 + 2)
     assert all(t.top1 == 1.0 for t in c.tensors if t.name == "logits")
 
 
