@@ -6,9 +6,9 @@
 
 PATH is a Hugging Face folder or a .gguf file (loaded with `gguf_file=`, dequantized to float32 by
 transformers itself). The model runs with eager attention, in float32, or in float64 (converted after
-loading, which is exact), or in bfloat16 or float16 (`--dtype`; converted after loading, which rounds
-every weight to the nearest half-precision value, as `from_pretrained(dtype=torch.bfloat16)` does): a
-real half-precision port, with its tensors dumped in its own dtype (docs/tolerances.md measures them).
+loading, which is exact), or in bfloat16 or float16 (`from_pretrained(dtype=torch.bfloat16)`, which
+rounds every weight to the nearest half-precision value): a real half-precision port, its tensors dumped
+in its own dtype (docs/tolerances.md measures them).
 qwen2np must never import torch or transformers, so this side lives here.
 
 How each name of docs/intermediates.md is captured:
@@ -239,18 +239,23 @@ class Recorder:
 
 
 def load_model(path, dtype="float32"):
-    """transformers' Qwen2ForCausalLM from a folder or a .gguf file, eager attention, in `dtype` (float32,
-    float64, bfloat16, float16: loaded in float32, then converted)."""
+    """transformers' Qwen2ForCausalLM from a folder or a .gguf file, eager attention, in `dtype`.
+
+    float64 is loaded in float32 and converted (exact). bfloat16 and float16 are loaded so by
+    `from_pretrained`, which rounds each weight to the nearest half-precision value and keeps RoPE's
+    inv_freq in float32.
+    """
     path = Path(path)
-    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    # subtle: not float32 then .to(bfloat16), which also rounds the inv_freq buffer to bfloat16: RoPE's
+    # angles are then off by up to 2^-9 relative, a bug `compare --isolate` names (docs/porting.md)
+    kwargs = dict(dtype=DTYPES[dtype] if dtype in ("bfloat16", "float16") else torch.float32,
+                  attn_implementation="eager")
     if path.suffix == ".gguf":
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if dtype != "float32":
-        # float64: exact (every float32 value is a float64 value); bfloat16, float16: each weight rounded
-        # to the nearest value, what loading a half-precision checkpoint gives
-        model = model.to(DTYPES[dtype])
+    if dtype == "float64":
+        model = model.to(torch.float64)   # exact: every float32 value is a float64 value
     return model.eval()
 
 
