@@ -77,3 +77,11 @@ class IntermediateNameError(Qwen2npError, KeyError):
 class DumpError(Qwen2npError, ValueError):
     """A dump (manifest.json + tensors.safetensors, docs/dump-format.md) is missing or malformed, or two
     dumps cannot be compared (different token ids, shapes or forward passes)."""
+
+
+class OutputExistsError(Qwen2npError, FileExistsError):
+    """The folder to write already holds files (`overwrite=True`, or `--overwrite` on the command line,
+    replaces it whole), or the path to write is a file (qwen2np/io/folders.py)."""
+
+    def __str__(self):  # OSError would print args as a tuple when given several
+        return str(self.args[0]) if self.args else ""

@@ -159,8 +159,12 @@ class Qwen2PreTrainedModel:
         seen = {id(a): a.size for a in self.state_dict().values()}  # a tied weight counts once
         return sum(seen.values())
 
-    def save_pretrained(self, folder, max_shard_bytes=None):
-        """Write config.json and model.safetensors (a tied lm_head is left out, as transformers does)."""
+    def save_pretrained(self, folder, max_shard_bytes=None, overwrite=None):
+        """Write config.json and model.safetensors (a tied lm_head is left out, as transformers does).
+
+        The folder is written whole; `overwrite` (None: replace the model files of a Hugging Face folder and
+        keep its tokenizer files; True: replace the folder whole; False: refuse a folder that holds files)
+        is `save_hf_folder`'s."""
         from .io import save_hf_folder
 
         tensors = self.state_dict()
@@ -170,7 +174,8 @@ class Qwen2PreTrainedModel:
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
         generation = self.generation_config.to_diff_dict() if self.generation_config is not None else None
-        save_hf_folder(folder, config, tensors, generation_config=generation, max_shard_bytes=max_shard_bytes)
+        save_hf_folder(folder, config, tensors, generation_config=generation, max_shard_bytes=max_shard_bytes,
+                       overwrite=overwrite)
 
     def to(self, name):
         """Convert the weights to another compute dtype ("float32", "float64"), or move them to another

@@ -18,8 +18,10 @@ scripts/dump_transformers.py write it, `qwen2np compare` reads two.
 (['logits'], (1, 3, 5), [[1, 2, 3]])
 """
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,20 +141,146 @@ def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=
     return dump
 
 
-def write_dump(dump, folder):
-    """Write `dump` into `folder` (created if needed): the tensors first, the manifest last, each file
-    under a temporary name then renamed, so a manifest present means a complete dump. Returns the folder."""
+def write_dump(dump, folder, overwrite=False):
+    """Write `dump` as the folder `folder`; returns the folder.
+
+    The folder is written whole (qwen2np/io/folders.py): both files go into a temporary sibling that
+    then replaces `folder`, so no reader ever sees new tensors beside an old manifest, and an error
+    leaves `folder` as it was. A folder that already holds files is refused (`OutputExistsError`)
+    unless `overwrite=True`, which replaces it whole. `DumpWriter` writes the same format tensor by
+    tensor.
+    """
+    from ..io.folders import write_folder
     from ..io.safetensors_file import write_safetensors
 
     folder = Path(folder)
     check_dump(dump, str(folder))
-    folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / TENSORS, dump.tensors, metadata={"qwen2np_dump": str(FORMAT_VERSION)})
-    tmp = folder / f"{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(manifest_text(dump.manifest), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    with write_folder(folder, overwrite=overwrite) as tmp:
+        write_safetensors(tmp / TENSORS, dump.tensors, metadata=_TENSORS_METADATA)
+        (tmp / MANIFEST).write_text(manifest_text(dump.manifest), encoding="utf-8")
     dump.folder = folder
     return folder
+
+
+_TENSORS_METADATA = {"qwen2np_dump": str(FORMAT_VERSION)}
+
+
+class DumpWriter:
+    """Write a dump tensor by tensor, without holding the tensors in memory: for recorders that stream.
+
+        with DumpWriter("dumps/q", overwrite=False) as writer:
+            writer.add("logits", array)           # each key once, in any order
+            ...
+            writer.finish(manifest)               # the manifest lists exactly the keys added
+
+    The tensors' bytes go to a data file in the temporary folder as they come; `finish` checks the
+    manifest against the names, shapes and dtypes added, writes tensors.safetensors (its header, then
+    the data, copied in the kernel where it can: the temporary folder briefly holds the data twice) and
+    manifest.json, and the folder then replaces `folder` whole. Leaving the block without `finish`,
+    or by an exception, writes nothing and leaves `folder` as it was.
+
+    >>> import tempfile, numpy as np
+    >>> folder = tempfile.mkdtemp()
+    >>> with DumpWriter(folder) as writer:
+    ...     writer.add("logits", np.zeros((1, 3, 5), np.float32))
+    ...     writer.finish({"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32",
+    ...                    "input_ids": [[1, 2, 3]], "passes": [{"start": 0, "length": 3, "tensors": [
+    ...                        {"name": "logits", "key": "logits", "shape": [1, 3, 5], "dtype": "float32"}]}]})
+    >>> read_dump(folder)["logits"].shape
+    (1, 3, 5)
+    """
+
+    def __init__(self, folder, overwrite=False):
+        self.folder = Path(folder)
+        self.overwrite = overwrite
+        self._context = None
+        self._tmp = None
+        self._data = None       # the open data file
+        self._entries = {}      # key -> (safetensors dtype, shape, begin, end)
+        self._finished = False
+
+    def __enter__(self):
+        from ..io.folders import write_folder
+
+        self._context = write_folder(self.folder, overwrite=self.overwrite)
+        self._tmp = self._context.__enter__()
+        try:
+            self._data = open(self._tmp / f"{TENSORS}.data", "wb")
+        except BaseException as e:
+            self._context.__exit__(type(e), e, e.__traceback__)
+            raise
+        return self
+
+    def add(self, key, array):
+        """Append one tensor (any array the safetensors format stores: float32, float64, ...)."""
+        from ..io.safetensors_file import _NAME_OF
+
+        if self._data is None or self._finished:
+            raise DumpError(f"{self.folder}: DumpWriter.add outside its `with` block or after finish()")
+        if not isinstance(key, str) or key in self._entries:
+            raise DumpError(f"{self.folder}: tensor key {key!r} is not a string or was added before")
+        array = np.asarray(array)
+        type_name = _NAME_OF.get(array.dtype.name)
+        if type_name is None:
+            raise DumpError(f"{self.folder}: {key}: cannot store dtype {array.dtype.name}")
+        begin = self._data.tell()
+        self._data.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        self._entries[key] = (type_name, array.dtype.name, list(array.shape), begin, self._data.tell())
+
+    def finish(self, manifest):
+        """Check `manifest` against the tensors added, and write tensors.safetensors and manifest.json."""
+        if self._data is None or self._finished:
+            raise DumpError(f"{self.folder}: DumpWriter.finish outside its `with` block or called twice")
+        shapes = {k: _Shape(tuple(e[2]), np.dtype(e[1])) for k, e in self._entries.items()}
+        check_dump(Dump(manifest, shapes), str(self.folder))
+        self._data.close()
+        header = {k: {"dtype": e[0], "shape": e[2], "data_offsets": [e[3], e[4]]} for k, e in sorted(self._entries.items())}
+        header["__metadata__"] = {"format": "pt", **_TENSORS_METADATA}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the data region starts 8-byte aligned
+        data_path = self._tmp / f"{TENSORS}.data"
+        with open(self._tmp / TENSORS, "wb") as out, open(data_path, "rb") as data:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            out.flush()
+            _copy_file(data, out)
+        os.remove(data_path)
+        (self._tmp / MANIFEST).write_text(manifest_text(manifest), encoding="utf-8")
+        self._finished = True
+
+    def __exit__(self, kind, error, traceback):
+        if self._data is not None and not self._data.closed:
+            self._data.close()
+        if kind is None and not self._finished:  # left without finish(): write nothing
+            error = DumpError(f"{self.folder}: DumpWriter left without finish(manifest); nothing written")
+            self._context.__exit__(DumpError, error, None)
+            raise error
+        return self._context.__exit__(kind, error, traceback)
+
+
+class _Shape:
+    """What check_dump reads of an array (shape and dtype), for tensors already on disk."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+
+def _copy_file(source, destination):
+    """Append the whole of `source` to `destination` (both open binary files), in the kernel if possible."""
+    size = os.fstat(source.fileno()).st_size
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(source.fileno(), destination.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except (AttributeError, OSError) as e:  # no copy_file_range (not Linux, an old kernel, another fs)
+        if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    if done < size:
+        source.seek(done)
+        destination.seek(0, os.SEEK_END)
+        shutil.copyfileobj(source, destination, 16 << 20)
 
 
 def manifest_text(manifest):
