@@ -146,3 +146,54 @@ def test_prompt_too_long_is_one_line(checkpoint_env, tmp_path):
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "exceeds the model's max_position_embeddings=32768" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- a failed chat turn: one line, and the session goes on (a tiny random model, no checkpoint needed) -----
+
+TINY_TEMPLATE = ("{% for m in messages %}{% if 'boom' in m.content %}{{ raise_exception('boom in the template') }}"
+                 "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    """A folder with a random one-layer model over the real vocabulary (64 positions) and a chat template
+    that fails on messages containing "boom"; returns (folder, model, tokenizer)."""
+    from qwen2np import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_chat")
+    tokenizer = Qwen2Tokenizer.from_pretrained()
+    tokenizer.chat_template = TINY_TEMPLATE
+    config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(config, seed=3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, Qwen2ForCausalLM.from_pretrained(folder), Qwen2Tokenizer.from_pretrained(folder)
+
+
+def test_a_failed_chat_turn_is_one_line_and_the_session_goes_on(tiny_chat):
+    folder, model, tokenizer = tiny_chat
+
+    def answer(messages):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="np")["input_ids"]
+        out = model.generate(ids, max_new_tokens=2, do_sample=False)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    lines = [b"hello", b"bad \xff line", b"a boom here", b"x " * 80, b"again", b""]
+    r = subprocess.run([sys.executable, "-m", "qwen2np", "chat", "--model", str(folder), "--max-new-tokens", "2",
+                        "--greedy"], input=b"\n".join(lines), capture_output=True, timeout=300)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("qwen2np chat: error:")]
+    assert len(errors) == 3, err
+    assert "line 2 is not valid UTF-8: byte 0xff at character 4" in errors[0]
+    assert "chat template raised an error: boom in the template" in errors[1]
+    assert "max_position_embeddings=64" in errors[2]
+    first = answer([{"role": "user", "content": "hello"}])
+    # the failed turns left no trace in the history
+    second = answer([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "again"}])
+    assert r.stdout.decode() == f"{first}\n{second}\n"
+    assert err.count("prompt tokens") == 2

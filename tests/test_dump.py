@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
-from qwen2np.errors import DumpError
-from qwen2np.golden.dump import MANIFEST, TENSORS, new_dump, plan_passes, read_dump, tensor_key, write_dump
+from qwen2np.errors import DumpError, OutputExistsError
+from qwen2np.golden.dump import MANIFEST, TENSORS, DumpWriter, new_dump, plan_passes, read_dump, tensor_key, write_dump
 from qwen2np.golden.fingerprint import config_fingerprint, differing_weights, weight_digest, weights_fingerprint
 from qwen2np.golden.record import record_dump
 from qwen2np.tracing import trace
@@ -166,7 +166,13 @@ def test_the_dump_command_end_to_end(tiny_folder, tmp_path, model):
 
 @pytest.mark.parametrize("args, code, message", [
     (["--ids", "1,2,3", "--include", "model.layers.7.*"], 1, "matches no intermediate"),
-    (["--ids", "1,x"], 1, "--ids '1,x': expected integers"),
+    (["--ids", "1,x"], 1, "--ids: item 2 ('x') is not an integer"),
+    (["--ids", "[[1, 2], [3]]"], 1, "--ids: row 2 has 1 ids, row 1 has 2"),
+    (["--ids", "[[1, 2], [3, true]]"], 1, "--ids: row 2 item 2 (true) is not an integer"),
+    (["--ids", "[1, 2"], 1, "--ids: not valid JSON"),
+    (["--ids", "1,-2"], 1, "--ids: item 2 (-2) is not a token id"),
+    (["--ids", "1", "--attention-mask", "[1, x]"], 1, "--attention-mask: not valid JSON"),
+    (["--prompt", "\udcff"], 1, "--prompt is not valid UTF-8: byte 0xff"),
     (["--ids", "1,2", "--decode-steps", "2"], 1, "decode_steps must be in"),
     (["--ids", "1,2", "--attention-mask", "1"], 1, "--attention-mask: expected zeros and ones of the shape"),
     (["--ids", "1,2", "--chat"], 1, "--chat applies to --prompt"),
@@ -176,5 +182,92 @@ def test_the_dump_command_end_to_end(tiny_folder, tmp_path, model):
 def test_the_dump_command_explains_bad_input(tiny_folder, tmp_path, args, code, message):
     r = qwen2np_cli("dump", "--model", tiny_folder, *args, "--out", tmp_path / "d")
     assert r.returncode == code, r.stderr
-    assert message in r.stderr
+    assert message in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_the_dump_command_replaces_an_old_dump_only_when_asked(tiny_folder, tmp_path):
+    out = tmp_path / "d"
+    assert qwen2np_cli("dump", "--model", tiny_folder, "--ids", "1,2,3", "--include", "logits", "--out", out).returncode == 0
+    old = read_dump(out).manifest
+    r = qwen2np_cli("dump", "--model", tiny_folder, "--ids", "4,5", "--include", "model.norm", "--out", out)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "the folder holds files (manifest.json, tensors.safetensors); pass overwrite=True (--overwrite" in r.stderr
+    assert read_dump(out).manifest == old
+    r = qwen2np_cli("dump", "--model", tiny_folder, "--ids", "4,5", "--include", "model.norm", "--out", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    again = read_dump(out)
+    assert again.manifest["input_ids"] == [[4, 5]] and again.names() == ["model.norm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folder left beside it
+    (tmp_path / "file").write_text("x")
+    r = qwen2np_cli("dump", "--model", tiny_folder, "--ids", "1", "--out", tmp_path / "file", "--overwrite")
+    assert r.returncode == 1 and "expected a folder to write into, found a file" in r.stderr
+    assert r.stderr.count("\n") == 1 and (tmp_path / "file").read_text() == "x"
+
+
+def test_a_full_disk_leaves_the_old_dump_whole(tiny_folder, tmp_path):
+    """The tensors fail to write (ENOSPC, simulated): one line, exit 1, the old dump as it was."""
+    out = tmp_path / "d"
+    assert qwen2np_cli("dump", "--model", tiny_folder, "--ids", "1,2,3", "--include", "logits", "--out", out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    script = ("import errno, sys, qwen2np.io.safetensors_file as s\n"
+              "def full(path, *a, **k):\n"
+              "    open(path, 'wb').write(b'half')\n"
+              "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+              "s.write_safetensors = full\n"
+              "from qwen2np.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", script, "dump", "--model", str(tiny_folder), "--ids", "7,8",
+                        "--out", str(out), "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr == "qwen2np dump: error: No space left on device\n", r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_write_dump_refuses_a_folder_that_holds_files(model, tmp_path):
+    dump = record_dump(model, [[1, 2, 3]], include=["logits"], fingerprint=None)
+    folder = write_dump(dump, tmp_path / "d")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds files"):
+        write_dump(dump, folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    write_dump(dump, folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, TENSORS]
+
+
+def test_dump_writer_streams_the_same_dump(model, tmp_path):
+    """Tensors added one by one, in any order, make the dump write_dump makes from memory."""
+    dump = record_dump(model, [[3, 1, 4, 1]], decode_steps=1, fingerprint=None)
+    whole = read_dump(write_dump(dump, tmp_path / "whole"))
+    with DumpWriter(tmp_path / "streamed") as writer:
+        for key in reversed(list(dump.tensors)):
+            writer.add(key, dump.tensors[key])
+        assert not (tmp_path / "streamed").exists()  # nothing is visible before finish and the swap
+        writer.finish(dump.manifest)
+    streamed = read_dump(tmp_path / "streamed")
+    assert streamed.manifest == whole.manifest and set(streamed.tensors) == set(whole.tensors)
+    assert all(np.array_equal(streamed[k], whole[k]) and streamed[k].dtype == whole[k].dtype for k in whole.tensors)
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == [MANIFEST, TENSORS]
+
+
+def test_dump_writer_writes_nothing_unless_finished(model, tmp_path):
+    dump = record_dump(model, [[1, 2]], include=["logits"], fingerprint=None)
+    old = write_dump(dump, tmp_path / "d")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    with pytest.raises(DumpError, match="left without finish"):
+        with DumpWriter(old, overwrite=True) as writer:
+            writer.add("logits", dump["logits"])
+    with pytest.raises(DumpError, match="passes\\[0\\].tensors\\[0\\]|listed in manifest.json but not"):
+        with DumpWriter(old, overwrite=True) as writer:
+            writer.add("other", dump["logits"])
+            writer.finish(dump.manifest)  # lists "logits", which was not added
+    with pytest.raises(KeyboardInterrupt):
+        with DumpWriter(old, overwrite=True) as writer:
+            writer.add("logits", dump["logits"])
+            raise KeyboardInterrupt
+    with pytest.raises(DumpError, match="added before"):
+        with DumpWriter(old, overwrite=True) as writer:
+            writer.add("logits", dump["logits"])
+            writer.add("logits", dump["logits"])
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

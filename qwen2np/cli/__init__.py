@@ -1,11 +1,26 @@
 """The `qwen2np` command line: one module per subcommand, each with `HELP`, `add_arguments` and `run`.
 
 Subcommand modules are imported only when chosen, so `qwen2np tokenize` does not load the model code.
-Any qwen2np error (bad flag value, missing file, checksum mismatch) prints one line and exits 1.
+
+Every failure a user can cause ends in one line on stderr, `qwen2np COMMAND: error: ...`, and a
+non-zero exit status, never a traceback:
+
+* 2: a usage error (an unknown flag, a malformed flag value), reported by argparse;
+* 1: any qwen2np error (a missing file, a corrupt checkpoint, bad `--ids`), an OS error (no permission,
+  a full disk, `--out` naming a file, stdout closed or a broken pipe), running out of memory;
+* 130: Ctrl-C (`qwen2np COMMAND: interrupted`).
+
+What the command line changes for its own process (a library call never does): while a command runs,
+`sys.stdout` is wrapped so that a failed write says it was stdout; after such a failure, file
+descriptor 1 is pointed at /dev/null so that Python's exit-time flush does not print "Exception
+ignored ... BrokenPipeError"; a standard stream closed at start (`>&-`, `<&-`) gets /dev/null in its
+place so that no file the command opens takes its descriptor. An unexpected exception (a bug) is
+also one line, naming its type; QWEN2NP_DEBUG=1 shows its traceback instead.
 """
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import Qwen2npError
@@ -20,6 +35,13 @@ COMMANDS = {
     "dump": "write named intermediate tensors of a forward pass (golden values)",
     "compare": "compare two dumps tensor by tensor and name the first divergence",
 }
+# the commands whose result is what they print on stdout: they refuse to run with stdout closed
+_WRITES_STDOUT = {"tokenize", "generate", "chat", "fetch", "compare"}
+
+
+class CommandLineError(Qwen2npError, ValueError):
+    """An argument or a standard stream the command cannot use: text that is not valid UTF-8, stdin or
+    stdout closed, stdout unable to encode the output."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,13 +50,178 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _print_message(self, message, file=None):  # argparse would drop a failed write of --help silently
+        if message:
+            (file or sys.stderr).write(message)
+
+
+class _Stdout:
+    """`sys.stdout` while a command runs: a failed write raises an error that says it was stdout."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise _stdout_error(e) from None
+        except UnicodeEncodeError as e:
+            raise CommandLineError(
+                f"cannot write to stdout: its encoding ({self._stream.encoding}) cannot represent "
+                f"{e.object[e.start:e.end]!r}; set PYTHONIOENCODING=utf-8") from None
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as e:
+            raise _stdout_error(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _stdout_error(e):
+    error = OSError(e.errno, f"cannot write to stdout: {e.strerror or e}")  # OSError(EPIPE, ...): a BrokenPipeError
+    error.from_stdout = True
+    return error
+
+
+def check_text(value, what):
+    """`value` itself, or a CommandLineError when it came from bytes that are not UTF-8 (Python keeps such
+    bytes of argv and stdin as lone surrogates, U+DC80..U+DCFF).
+
+    >>> check_text("héllo", "TEXT")
+    'héllo'
+    >>> check_text("ab\\udcff", "TEXT")
+    Traceback (most recent call last):
+    ...
+    qwen2np.cli.CommandLineError: TEXT is not valid UTF-8: byte 0xff at character 2; give UTF-8 text
+    """
+    for i, ch in enumerate(value):
+        if "\ud800" <= ch <= "\udfff":
+            byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else f"U+{ord(ch):04X}"
+            raise CommandLineError(f"{what} is not valid UTF-8: {byte} at character {i}; give UTF-8 text")
+    return value
+
+
+def decode_utf8(data, what):
+    """`data` (bytes) as text, or a CommandLineError naming the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CommandLineError(f"{what} is not valid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start} "
+                               f"({e.reason}); give UTF-8 text") from None
+
 
 def _module(name):
     return importlib.import_module(f"qwen2np.cli.{name.replace('-', '_')}")
 
 
+def _say(line):
+    """One line on stderr; a stderr that cannot be written to is given up on quietly."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _describe_os_error(e):
+    text = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        text = f"{e.filename}: {text}" if e.filename2 is None else f"{e.filename} -> {e.filename2}: {text}"
+    return text
+
+
+def _plug_closed_fd(fd, mode):
+    """Open /dev/null on `fd` if it is closed, so that no file the command opens takes that number."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        try:
+            opened = os.open(os.devnull, mode)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+        except OSError:
+            pass
+
+
+def _silence_stdout():
+    """After stdout failed: point fd 1 at /dev/null, so that the exit-time flush of what is still
+    buffered does not fail again with an "Exception ignored" message."""
+    if sys.__stdout__ is None:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv=None):
+    """Run one command; return its exit status (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    real_stdout = sys.stdout
+    command = None
+    prefix = "qwen2np"
+    if real_stdout is None:
+        _plug_closed_fd(1, os.O_WRONLY)
+    if sys.stdin is None:
+        _plug_closed_fd(0, os.O_RDONLY)
+    sys.stdout = _Stdout(real_stdout) if real_stdout is not None else None
+    try:
+        try:
+            parser, args = _parse(argv)
+            command = args.command
+            if command is None:
+                parser.print_help()
+                return 2
+            prefix = f"qwen2np {command}"
+            if real_stdout is None and command in _WRITES_STDOUT:
+                raise CommandLineError("stdout is closed: this command prints its result there; "
+                                       "redirect it to a file or /dev/null instead of closing it")
+            status = _module(command).run(args) or 0
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
+            return status
+        except Qwen2npError as e:
+            _say(f"{prefix}: error: {e}")
+            return 1
+        except OSError as e:
+            _say(f"{prefix}: error: {_describe_os_error(e)}")
+            if getattr(e, "from_stdout", False):
+                _silence_stdout()
+            return 1
+        except MemoryError as e:
+            _say(f"{prefix}: error: out of memory{f' ({e})' if str(e) else ''}")
+            return 1
+        except KeyboardInterrupt:
+            _say(f"{prefix}: interrupted")
+            return 130
+        except Exception as e:  # a bug: still one line, unless asked for the traceback
+            if os.environ.get("QWEN2NP_DEBUG") == "1":
+                raise
+            _say(f"{prefix}: internal error: {type(e).__name__}: {e} (QWEN2NP_DEBUG=1 shows the traceback)"[:2000])
+            return 1
+    except SystemExit:  # argparse: --help, --version (0) or a usage error (2); what it printed must reach stdout
+        try:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+        except OSError as e:
+            _say(f"{prefix}: error: {_describe_os_error(e)}")
+            _silence_stdout()
+            raise SystemExit(1) from None
+        raise
+    except KeyboardInterrupt:  # Ctrl-C while reporting
+        return 130
+    finally:
+        if sys.stdout is not None and isinstance(sys.stdout, _Stdout):
+            sys.stdout = real_stdout
+
+
+def _parse(argv):
     parser = _Parser(prog="qwen2np", description="Qwen2 in pure NumPy.")
     from .. import __version__
 
@@ -49,19 +236,4 @@ def main(argv=None):
     args, extras = parser.parse_known_args(argv)
     if extras:  # argparse would report a subcommand's unknown flags as the top-level command's
         (subparsers.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(extras)}")
-    if args.command is None:
-        parser.print_help()
-        return 2
-    from ..memory import apply_environment
-
-    apply_environment(default=True)   # the command line owns its process: keep freed memory (memory.py)
-    try:
-        return _module(args.command).run(args) or 0
-    except Qwen2npError as e:
-        print(f"qwen2np {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return parser, args

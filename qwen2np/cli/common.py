@@ -116,7 +116,7 @@ def generate_streaming(model, tokenizer, input_ids, kwargs, write):
     """Generate from `input_ids` [1, T], writing text as it comes; return (answer text, streamer).
 
     A KeyboardInterrupt (Ctrl-C) stops the answer: the text so far is returned, `streamer.interrupted`
-    is set.
+    is set. Another error ends the line of text already written, then propagates.
     """
     streamer = TimedStreamer(tokenizer, write)
     try:
@@ -124,6 +124,10 @@ def generate_streaming(model, tokenizer, input_ids, kwargs, write):
     except KeyboardInterrupt:
         streamer.finished = time.perf_counter()
         streamer.interrupted = True
+    except Exception as e:
+        if any(streamer.text) and not isinstance(e, OSError):  # end the answer's line before the error's
+            write("\n")
+        raise
     return "".join(streamer.text), streamer
 
 

@@ -40,7 +40,10 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", metavar="PATH", help="where the tokenizer is, if not with the model")
     parser.add_argument("--fingerprint", default="full", choices=["full", "sampled", "none"],
                         help="hash all the weights (default), 16 blocks of each, or none (docs/dump-format.md)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="the folder to write (refused if it holds files, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out whole if it holds files (an old dump), once the new dump is written")
 
 
 FINGERPRINT_METHODS = {"full": "sha256-f32", "sampled": "sha256-f32-sampled", "none": None}
@@ -48,22 +51,46 @@ FINGERPRINT_METHODS = {"full": "sha256-f32", "sampled": "sha256-f32-sampled", "n
 
 def parse_ids(text, flag="--ids"):
     """Token ids from the command line: `1,2,3` or `1 2 3` (one row) or JSON (a list or a list of lists).
+    An error names the bad item.
 
     >>> parse_ids("1, 2,3").tolist(), parse_ids("[[1, 2], [3, 4]]").tolist()
     ([[1, 2, 3]], [[1, 2], [3, 4]])
+    >>> parse_ids("1,x,3")
+    Traceback (most recent call last):
+    ...
+    qwen2np.errors.DumpError: --ids: item 2 ('x') is not an integer; expected ids like 1,2,3 or JSON [[1, 2], [3, 4]]
     """
-    try:
-        value = json.loads(text) if text.lstrip().startswith("[") else [int(t) for t in text.replace(",", " ").split()]
-        rows = value if value and isinstance(value[0], list) else [value]
-        if not rows or not rows[0] or len({len(r) for r in rows}) != 1:
-            raise ValueError("rows of different lengths, or no ids")
-        ids = np.array(rows, dtype=np.int64)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for r in rows for v in r):
-            raise ValueError("not all integers")
-    except (ValueError, TypeError, OverflowError) as e:
-        raise DumpError(f"{flag} {text[:80]!r}: expected integers like 1,2,3 or JSON [[1, 2], [3, 4]] (rows of "
-                        f"equal length) ({e})") from None
-    return ids
+    def fail(problem):
+        raise DumpError(f"{flag}: {problem}; expected ids like 1,2,3 or JSON [[1, 2], [3, 4]]")
+
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            fail(f"not valid JSON ({e})"[:200])
+        if not isinstance(value, list):
+            fail(f"expected a JSON list, found {type(value).__name__}")
+        nested = bool(value) and all(isinstance(r, list) for r in value)
+        rows = value if nested else [value]
+    else:
+        rows, nested = [[]], False
+        for i, item in enumerate(text.replace(",", " ").split()):
+            try:
+                rows[0].append(int(item))
+            except ValueError:
+                fail(f"item {i + 1} ({item[:40]!r}) is not an integer")
+    if not rows or not rows[0]:
+        fail("no ids")
+    for r, row in enumerate(rows):
+        where = f"row {r + 1} item" if nested else "item"
+        for i, item in enumerate(row):
+            if not isinstance(item, int) or isinstance(item, bool):
+                fail(f"{where} {i + 1} ({json.dumps(item)[:40]}) is not an integer")
+            if not 0 <= item < 2**63:
+                fail(f"{where} {i + 1} ({item}) is not a token id (expected 0 <= id < 2**63)")
+        if len(row) != len(rows[0]):
+            fail(f"row {r + 1} has {len(row)} ids, row 1 has {len(rows[0])} (rows must be of equal length)")
+    return np.array(rows, dtype=np.int64)
 
 
 def inputs_from_args(args, tokenizer_loader):
@@ -79,8 +106,10 @@ def inputs_from_args(args, tokenizer_loader):
         return ids, mask, None
     if args.attention_mask is not None:
         raise DumpError("--attention-mask goes with --ids; with --prompt the tokenizer makes the mask")
+    from . import check_text
+
+    prompts = [check_text(p, "--prompt") for p in args.prompt]
     tokenizer = tokenizer_loader()
-    prompts = list(args.prompt)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=False) for p in prompts] if args.chat else prompts
     encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="np")
@@ -100,16 +129,18 @@ def run(args):
     from ..golden.dump import plan_passes, write_dump
     from ..golden.record import record_dump
     from ..hub import resolve_model_path
+    from ..io.folders import check_target
 
     path = resolve_model_path(args.model)
     ids, mask, prompt = inputs_from_args(
         args, lambda: Qwen2Tokenizer.from_pretrained(resolve_model_path(args.tokenizer or args.model)))
     plan_passes(ids.shape[1], args.decode_steps)  # refuse a bad --decode-steps before the slow load
+    check_target(args.out, args.overwrite)  # and an --out that holds files (or is a file)
     started = time.perf_counter()
     model = Qwen2ForCausalLM.from_pretrained(path, dtype=args.dtype)
     dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
                        FINGERPRINT_METHODS[args.fingerprint])
-    folder = write_dump(dump, args.out)
+    folder = write_dump(dump, args.out, overwrite=args.overwrite)
     size = sum(a.nbytes for a in dump.tensors.values())
     print(f"wrote {len(dump.tensors)} tensors ({size / 1e6:.1f} MB) of {len(dump.passes)} forward "
           f"pass{'es' * (len(dump.passes) != 1)} to {folder} in {time.perf_counter() - started:.1f} s",

@@ -9,6 +9,7 @@ The answer streams to stdout; the load progress and a closing speed line go to s
 import sys
 
 from ..errors import GenerationError
+from . import CommandLineError, check_text, decode_utf8
 from .common import add_common_arguments, encode_prompt, generate_streaming, generation_kwargs, load, speed_line
 
 HELP = "generate text from a prompt with a checkpoint"
@@ -21,9 +22,19 @@ def add_arguments(parser):
     add_common_arguments(parser)
 
 
+def read_stdin(what):
+    """All of stdin as text (UTF-8; an error names the first byte that is not)."""
+    if sys.stdin is None:
+        raise CommandLineError(f"{what}: stdin is closed; pipe the text in, or give it as an argument")
+    buffer = getattr(sys.stdin, "buffer", None)
+    return decode_utf8(buffer.read(), what) if buffer is not None else check_text(sys.stdin.read(), what)
+
+
 def run(args):
     kwargs = generation_kwargs(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin("the prompt on stdin") if args.prompt == "-" else check_text(args.prompt, "PROMPT")
+    if args.system is not None:
+        check_text(args.system, "--system")
     if args.no_chat and args.system is not None:
         raise GenerationError("--system needs the chat template; drop --no-chat or --system")
     model, tokenizer = load(args)

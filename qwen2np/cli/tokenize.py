@@ -69,7 +69,9 @@ def render(tok, text, split_special_tokens=False):
 def run(args):
     from ..tokenizer import Qwen2Tokenizer
     from ..tokenizer.tokenizer import load_bundled
+    from . import check_text
 
+    check_text(args.text, "TEXT")
     tok = load_bundled() if args.model is None else Qwen2Tokenizer.from_pretrained(args.model)
     if args.ids_only:
         print(" ".join(map(str, tok(args.text, split_special_tokens=args.split_special_tokens)["input_ids"])))
