@@ -199,8 +199,8 @@ def test_template_errors_are_chat_template_errors(ours):
     with pytest.raises(ChatTemplateError, match="message 0"):
         ours.apply_chat_template(["hello"], tokenize=False)
     with pytest.raises(ChatTemplateError, match="strings"):  # content concatenated with + must be a str
-        ours.apply_chat_template([{"role": "user", "content": 3}], chat_template=QWEN2_INSTRUCT_TEMPLATE,
-                                 tokenize=False)
+        ours.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                 chat_template=QWEN2_INSTRUCT_TEMPLATE, tokenize=False)
 
 
 def test_missing_and_named_templates():
@@ -237,3 +237,150 @@ def test_saved_template_round_trip_through_json(ours, tmp_path):
     if template is None:  # newer layout: chat_template.jinja beside the config
         template = Path(tmp_path, "chat_template.jinja").read_text(encoding="utf-8")
     assert template == ours.chat_template
+
+
+# -- bounded rendering, and messages checked before it -----------------------------------------------------
+
+# Most of what jinja2 templates do, to show that the checks woven into loops, output, calls, operators and
+# filters change nothing a real template renders (compared with transformers below)
+FEATURES_TEMPLATE = """
+{%- macro show(m, sep) -%}{{ m.role | upper }}{{ sep }}{{ caller() if caller else '' }}{%- endmacro -%}
+{%- set ns = namespace(count=0, text='') -%}
+{%- for m in messages -%}
+  {%- set ns.count = ns.count + 1 -%}{%- set ns.text = ns.text ~ m.role[0] -%}
+  {{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }} {{ loop.cycle('a', 'b') }} {{ loop.previtem.role if loop.previtem }}
+  {% call show(m, ': ') %}{{ m.content | trim | replace('a', 'A') | wordwrap(20) }}{% endcall %}
+{% endfor -%}
+{%- set block %}{% for i in range(3) %}{{ i * 2 }},{% endfor %}{% endset -%}
+{{ block }}|{{ ns.count }}|{{ ns.text }}|{{ 'ab' * 3 }}|{{ '%05.1f|%s' % (3.14159, 'x') }}|{{ '{:>6}|{}'.format('r', 2) }}
+{{ messages | map(attribute='role') | join(', ') }}|{{ messages | selectattr('role', 'equalto', 'user') | list | length }}
+{{ {'b': [1, 2], 'a': 'é'} | tojson(indent=2) }}|{{ [3, 1, 2] | sort | sum }}|{{ [[1], [2]] | sum(start=[]) }}
+{{ 'x' | center(7) }}|{{ 'l1\nl2' | indent(3, first=True) }}|{{ range(7) | batch(3, 0) | list }}|{{ {'z': 1, 'y': 2} | dictsort }}
+{%- for node in [{'n': 1, 'kids': [{'n': 2, 'kids': [{'n': 3, 'kids': []}]}]}] recursive %}[{{ node.n }}{{ loop(node.kids) }}]{% endfor %}
+{% filter upper %}shout {{ undefined_name | default('dflt') }}{% endfilter %} {{ 2 ** 10 }} {{ 7 // 2 }} {{ -3 | abs }}
+{%- if add_generation_prompt %}<|im_start|>assistant{% endif %}"""
+
+
+@pytest.mark.oracle
+def test_the_bounds_change_nothing_a_template_renders(ours, theirs):
+    for conv in CONVERSATIONS.values():
+        kw = dict(chat_template=FEATURES_TEMPLATE, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(conv, **kw) == theirs.apply_chat_template(conv, **kw)
+
+
+def _render(template, conv=None, **kw):
+    class Tok:
+        special_tokens_map = {}
+        chat_template = template
+
+    return apply_chat_template(Tok(), conv or CONVERSATIONS["user only"], tokenize=False, **kw)
+
+
+def test_rendering_is_bounded_in_time():
+    # 10**10 loop iterations that print nothing; without the bound this runs for hours
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match=r"still rendering after 0.2 s \(render_timeout\)"):
+        _render(endless, render_timeout=0.2)
+    with pytest.raises(ChatTemplateError, match="render_timeout must be a number of seconds > 0"):
+        _render("x", render_timeout=0)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 'x' * 10**9 }}", "the result of '\\*' would hold 1,000,000,000"),
+    ("{{ ([0] * 10**9) | length }}", "the result of '\\*' would hold"),
+    ("{{ '%999999999d' % 1 }}", "a '%' format field"),
+    ("{{ '%*d' % (999999999, 1) }}", "a '%' format field"),
+    ("{{ '{:>999999999}'.format(1) }}", "a format\\(\\) field"),
+    ("{{ '{:>{}}'.format(1, 999999999) }}", "a format\\(\\) field"),
+    ("{{ 'x'.center(999999999) }}", "the result of center\\(\\)"),
+    ("{{ 'x' | center(999999999) }}", "the result of the center filter"),  # a constant: jinja2 would fold it
+    ("{{ ('a\n' * 100000) | indent(1000) }}", "the result of the indent filter"),
+    ("{{ ('a' * 100000) | replace('', 'b' * 100000) }}", "the result of the replace filter"),
+    ("{{ ('a' * 100000).replace('', 'b' * 100000) }}", "the result of replace\\(\\)"),
+    ("{{ (['b' * 1000000] * 100000) | join }}", "the result of the join filter"),
+    ("{{ ''.join(['b' * 1000000] * 100000) }}", "the result of join\\(\\)"),
+    ("{{ ('\t' * 1000).expandtabs(100000000) }}", "the result of expandtabs\\(\\)"),
+    ("{{ messages | tojson(indent=100000000) }}", "the indent of tojson"),
+    ("{{ ([[1] * 1000] * 10000) | sum(start=[]) | length }}", "the work of the sum filter"),
+    ("{{ ('a ' * 1000000) | wordwrap(1, wrapstring='x' * 10000) }}", "the result of the wordwrap filter"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(100) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "namespace attribute 's' would hold"),
+    ("{% set big = 'x' * 1000000 %}{% set y %}{% for i in range(100000) %}{{ big }}{% endfor %}{% endset %}",
+     "produced more than 10,000,000 characters"),
+    ("{% for i in range(100000) %}" + "y" * 1000 + "{% endfor %}", "produced more than 10,000,000 characters"),
+])
+def test_rendering_is_bounded_in_size(template, message):
+    with pytest.raises(ChatTemplateError, match=message):
+        _render(template)
+
+
+def test_the_size_bound_is_configurable():
+    assert _render("{{ 'x' * 50 }}", render_max_chars=50) == "x" * 50
+    with pytest.raises(ChatTemplateError, match="produced more than 49 characters"):
+        _render("{{ 'x' * 25 }}{{ 'x' * 25 }}", render_max_chars=49)
+
+
+@pytest.mark.parametrize("template", [
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "{% for m in [[1]] recursive %}{{ loop([m]) }}{% endfor %}",
+    "{{" + "(" * 5000 + "1" + ")" * 5000 + "}}",
+])
+def test_recursion_is_a_template_error(template):
+    with pytest.raises(ChatTemplateError, match="too deeply"):
+        _render(template)
+
+
+def test_other_python_errors_in_a_template_are_template_errors():
+    with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):
+        _render("{{ 1 / 0 }}")
+    with pytest.raises(ChatTemplateError, match="OverflowError"):
+        _render("{{ range(10**30) | length }}")
+
+
+@pytest.mark.parametrize("conversation, message", [
+    ([{"content": "hi"}], "message 0: no 'role'"),
+    ([{"role": "user", "content": "hi"}, {"role": b"user", "content": "hi"}], "message 1: 'role' must be a string, found bytes"),
+    ([{"role": "user", "content": b"hi"}], "message 0: 'content' must be a string, None or a list of parts .* found bytes \\(decode"),
+    ([{"role": "user", "content": 3}], "message 0: 'content' must be a string, None or a list of parts .* found int"),
+    ([{"role": "user", "content": {"text": "hi"}}], "found dict"),
+    ([{"role": "user", "content": ["hi"]}], "message 0: content part 0: expected a dict with a string 'type'"),
+    ([{"role": "user", "content": [{"type": "text", "text": b"hi"}]}], "content part 0: a text part needs a string 'text', found bytes"),
+    ([[{"role": "user", "content": "ok"}], [{"role": "user"}, {"role": 1}]], "conversation 1, message 1: 'role' must be a string"),
+    ("hello", "expected a list of messages"),
+])
+def test_malformed_messages_are_refused_with_their_index(conversation, message):
+    with pytest.raises(ChatTemplateError, match=message):
+        _render("{{ messages }}", conversation)
+
+
+def test_well_formed_messages_are_passed_on_as_they_are():
+    tool_call = {"type": "function", "function": {"name": "now", "arguments": {}}}
+    conv = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image", "url": "x.png"}]},
+            {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+            {"role": "tool", "name": "now", "content": "12:00"}]
+    out = _render("{% for m in messages %}{{ m.role }}:{{ m.content is defined }}:{{ m.tool_calls | default('-') }}:"
+                  "{{ m.name | default('-') }};{% endfor %}", conv)
+    assert out == (f"user:True:-:-;assistant:False:{[tool_call]}:-;tool:True:-:now;")
+    looped = [{"role": "user", "content": "hi"}]
+    looped[0]["self"] = looped
+    with pytest.raises(ChatTemplateError, match="nested too deeply"):
+        _render("{{ messages }}", looped)
+
+
+def test_bounds_belong_to_their_rendering():
+    """A rendering's budget is its own: other threads render with theirs, and nothing is left behind."""
+    import threading
+
+    from qwen2np import chat_template
+
+    results = []
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    thread = threading.Thread(target=lambda: results.append(pytest.raises(ChatTemplateError, _render, slow,
+                                                                          render_timeout=0.5)))
+    thread.start()
+    for _ in range(50):  # meanwhile, quick renders in this thread under the default budget
+        assert _render("{{ messages[0].content }}") == "Write a haiku about NumPy."
+    thread.join()
+    assert len(results) == 1 and chat_template._BUDGET.get() is None
+    compiled = chat_template.compile_template("{{ 'x' | center(5) }}")  # outside render: no budget, no bound
+    assert compiled.render() == "  x  "
