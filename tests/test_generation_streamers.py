@@ -89,3 +89,96 @@ def test_iterator_streamer_across_threads(tok):
     text = "".join(streamer)
     thread.join()
     assert text == " one two three"
+
+
+# -- a consumer is never left waiting ----------------------------------------------------------------------
+
+
+class FailingLM(TinyCountingLM):
+    """Fails on its `fail_at`-th forward call (0: the prefill), after generate has started streaming."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at = fail_at
+
+    def __call__(self, *args, **kwargs):
+        if len(self.calls) == self.fail_at:
+            raise MemoryError("no memory for this step")
+        return super().__call__(*args, **kwargs)
+
+
+def _in_thread(target):
+    """Run `target` in a thread that swallows what it raises (the consumer is the one to be told)."""
+    def quiet():
+        try:
+            target()
+        except BaseException:  # noqa: BLE001  (the test checks what the consumer sees)
+            pass
+
+    thread = threading.Thread(target=quiet)
+    thread.start()
+    return thread
+
+
+def test_the_consumer_gets_the_error_of_a_generate_that_fails_before_streaming(tok):
+    # timeout=60 only keeps a broken streamer from hanging the suite: it would end in queue.Empty instead
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+    thread = _in_thread(lambda: TinyCountingLM().generate([[1, 2]], max_new_tokens=0, streamer=streamer))
+    with pytest.raises(GenerationError, match="max_new_tokens must be an integer >= 1, found 0"):
+        list(streamer)
+    thread.join()
+    # the streamer is ready for the next generate
+    thread = _in_thread(lambda: TinyCountingLM().generate([[1, 2]], max_new_tokens=3, streamer=streamer))
+    assert "".join(streamer) == tok.decode([3, 4, 5])
+    thread.join()
+
+
+def test_the_consumer_gets_the_pieces_then_the_error_of_a_generate_that_fails_midway(tok):
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+    thread = _in_thread(lambda: FailingLM(fail_at=3).generate([[1]], max_new_tokens=8, streamer=streamer))
+    pieces = []
+    with pytest.raises(MemoryError, match="no memory for this step"):  # the same error, re-raised
+        for piece in streamer:
+            pieces.append(piece)
+    thread.join()
+    assert "".join(pieces) == tok.decode([2, 3, 4])  # the three tokens streamed before the failure
+
+
+def test_a_producer_thread_that_dies_without_end_is_noticed(tok):
+    """A generate that does not call on_error (not qwen2np's) still does not leave the consumer waiting."""
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+
+    def produce():
+        streamer.put(np.array([[9707]]))
+        streamer.put(np.array([1879]))
+        raise RuntimeError("a generate of another library failed")
+
+    thread = _in_thread(produce)
+    assert next(streamer) == " world"
+    with pytest.raises(GenerationError, match="ended without end\\(\\)"):
+        next(streamer)
+    thread.join()
+
+
+def test_the_timeout_raises_queue_empty_as_in_transformers(tok):
+    import queue
+
+    streamer = TextIteratorStreamer(tok, timeout=0.2)
+    with pytest.raises(queue.Empty):
+        next(streamer)
+
+
+def test_a_streamer_without_on_error_is_left_alone():
+    """transformers' streamers have only put/end: a failing generate just raises, as before."""
+    calls = []
+
+    class Recorder:
+        def put(self, value):
+            calls.append("put")
+
+        def end(self):
+            calls.append("end")
+
+    with pytest.raises(MemoryError):
+        FailingLM(fail_at=2).generate([[1]], max_new_tokens=5, streamer=Recorder())
+    assert calls == ["put", "put", "put"]

@@ -22,6 +22,7 @@ from ..errors import GenerationError
 from . import sampling
 from .config import FIELDS, GenerationConfig
 from .logits_process import LogitsProcessorList, build_logits_processors
+from .streamers import tells_streamer_on_error
 
 MAX_SEED = 1 << 64
 
@@ -29,6 +30,7 @@ MAX_SEED = 1 << 64
 class GenerationMixin:
     """Adds `generate` to a causal language model."""
 
+    @tells_streamer_on_error  # a TextIteratorStreamer's consumer learns that generate failed
     def generate(
         self,
         input_ids=None,
