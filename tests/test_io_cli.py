@@ -67,3 +67,47 @@ def test_convert_rejects_a_bad_dtype(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["convert", str(tiny), str(tmp_path), "--dtype", "int8"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_convert_never_mixes_old_and_new_files(tiny, tmp_path):
+    """An old folder's tokenizer.json (which takes precedence over vocab.json) must not survive a convert."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    (out / "chat_template.jinja").write_text("old template")
+    r = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(tiny), str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "the folder holds files (chat_template.jinja, tokenizer.json); pass overwrite=True (--overwrite" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["chat_template.jinja", "tokenizer.json"]
+    assert main(["convert", str(tiny), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "merges.txt",
+                                                      "model.safetensors", "tokenizer_config.json", "vocab.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside it
+
+
+def test_a_convert_that_fails_while_writing_leaves_the_old_folder(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    script = ("import errno, sys, qwen2np.io.gguf_tokenizer as g\n"
+              "def full(folder, kwargs):\n"
+              "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+              "g.write_tokenizer_files = full\n"  # the weights are written by then, the tokenizer fails
+              "from qwen2np.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", script, "convert", str(tiny), str(out), "--dtype", "float16",
+                        "--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert [line for line in r.stderr.splitlines() if "error" in line] == [
+        "qwen2np convert: error: No space left on device"] and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_convert_onto_a_file_is_one_line(tiny, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(tiny), str(target), "--overwrite"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "expected a folder to write into, found a file" in r.stderr and target.read_text() == "x"
