@@ -182,3 +182,10 @@ def test_a_streamer_without_on_error_is_left_alone():
     with pytest.raises(MemoryError):
         FailingLM(fail_at=2).generate([[1]], max_new_tokens=5, streamer=Recorder())
     assert calls == ["put", "put", "put"]
+
+
+@pytest.mark.parametrize("value", ["abc", None, np.array([1.5]), [True], [[[1]]], 2**70, [[1], [2, 3]]])
+def test_what_is_not_token_ids_is_refused(tok, value):
+    streamer = TextStreamer(tok, on_text=lambda text: None)
+    with pytest.raises(GenerationError, match="TextStreamer.put: expected"):
+        streamer.put(value)

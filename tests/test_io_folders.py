@@ -163,6 +163,22 @@ def test_keep_carries_chosen_entries_over_by_hard_link(old):
     assert _tree(old) == {"a.txt": "old a", "sub/new.txt": "the writer's sub wins", "b.txt": "b"}
 
 
+def test_the_root_the_current_folder_and_paths_under_a_file_are_refused(tmp_path, monkeypatch):
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    for target in (".", "..", tmp_path / "a", "/"):
+        with pytest.raises(OutputExistsError, match="the root or the current folder .* is never replaced"):
+            with write_folder(target, overwrite=True):
+                pass
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputExistsError, match=f"cannot write it, {tmp_path / 'f'} is a file, not a folder"):
+        check_target(tmp_path / "f" / "x" / "y")
+    with write_folder("sub/.", overwrite=False) as tmp:  # the folder's own name, not "."
+        assert tmp.parent == inner
+    assert (inner / "sub").is_dir() and _siblings(inner / "sub") == []
+
+
 def test_os_errors_name_the_target_and_leave_nothing(tmp_path, monkeypatch):
     target = tmp_path / "out"
 
@@ -226,14 +242,46 @@ def test_a_folder_that_is_not_a_model_folder_is_refused(tmp_path):
         save_hf_folder(folder, CONFIG, _tensors(), overwrite="yes")
 
 
-def test_a_failed_save_leaves_the_old_checkpoint(tmp_path):
+def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    from qwen2np.io import hf_folder
+
     folder = tmp_path / "model"
     save_hf_folder(folder, CONFIG, _tensors())
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    bad = {**_tensors(2.0), "z.weight": np.array(["not a number"])}  # written last, after the other tensors
-    with pytest.raises(CheckpointError, match="cannot write dtype"):
-        save_hf_folder(folder, {**CONFIG, "v": 3}, bad)
+    written = []
+
+    def disk_fills_up(path, tensors, dtype=None):  # the second shard does not fit
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real_write(path, tensors, dtype=dtype)
+
+    real_write = hf_folder.write_safetensors
+    monkeypatch.setattr(hf_folder, "write_safetensors", disk_fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf_folder(folder, {**CONFIG, "v": 3}, _tensors(2.0), max_shard_bytes=20)
+    assert len(written) == 1  # config.json and a shard were written, in the temporary folder
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before and _siblings(folder) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(config=[1]), "config must be a dict, found list"),
+    (dict(config={"a": {1, 2}}), "config cannot be written as JSON: Object of type set"),
+    (dict(generation_config={"x": object()}), "generation_config cannot be written as JSON"),
+    (dict(tensors=[np.ones(2)]), "tensors must be a dict"),
+    (dict(tensors={3: np.ones(2, np.float32)}), "tensor names must be strings, found 3"),
+    (dict(tensors={"w": [1.0, 2.0]}), "tensor 'w' must be an array, found list"),
+    (dict(tensors={"w": np.array([None])}), "tensor 'w' has dtype object, which cannot be written as it is"),
+    (dict(tensors={"w": np.array([None])}, dtype="float32"), "tensor 'w' has dtype object, which cannot be written as float32"),
+    (dict(tensors={"w": np.ones(2, np.int32)}), "tensor 'w' has dtype int32"),
+    (dict(max_shard_bytes=0), "max_shard_bytes must be None or an integer >= 1, found 0"),
+    (dict(max_shard_bytes="1GB"), "max_shard_bytes must be None or an integer >= 1, found '1GB'"),
+])
+def test_what_cannot_be_saved_is_refused_before_anything_is_written(tmp_path, kwargs, message):
+    kwargs = {"config": CONFIG, "tensors": _tensors(), **kwargs}
+    with pytest.raises(CheckpointError, match=message):
+        save_hf_folder(tmp_path / "m", **kwargs)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_pretrained_passes_overwrite_on(tmp_path):

@@ -138,6 +138,11 @@ def run(args):
     check_target(args.out, args.overwrite)  # and an --out that holds files (or is a file)
     started = time.perf_counter()
     model = Qwen2ForCausalLM.from_pretrained(path, dtype=args.dtype)
+    outside = np.argwhere(ids >= model.config.vocab_size)
+    if len(outside):
+        r, c = outside[0]
+        raise DumpError(f"--ids: id {ids[r, c]} (row {r + 1}, item {c + 1}) is not a token id of this model "
+                        f"(vocab_size {model.config.vocab_size})")
     dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
                        FINGERPRINT_METHODS[args.fingerprint])
     folder = write_dump(dump, args.out, overwrite=args.overwrite)

@@ -37,6 +37,8 @@ def run(args):
         check_text(args.system, "--system")
     if args.no_chat and args.system is not None:
         raise GenerationError("--system needs the chat template; drop --no-chat or --system")
+    if args.no_chat and not prompt:
+        raise GenerationError("the prompt is empty: with --no-chat there is no text to continue")
     model, tokenizer = load(args)
     if args.no_chat or tokenizer.chat_template is None:
         if args.system is not None:

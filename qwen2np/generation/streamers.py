@@ -67,7 +67,13 @@ class TextStreamer(BaseStreamer):
 
     def put(self, value):
         """Receive token ids ([1, n] or [n]) and emit the text they complete."""
-        value = np.asarray(value)
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError) as e:  # ragged lists
+            raise GenerationError(f"TextStreamer.put: expected token ids ([1, n] or [n]), found {e}") from None
+        if value.dtype.kind not in "iu" or value.ndim > 2:
+            raise GenerationError(f"TextStreamer.put: expected integer token ids of shape [1, n] or [n], found "
+                                  f"{value.dtype.name} of shape {list(value.shape)}")
         if value.ndim > 1 and value.shape[0] > 1:
             raise GenerationError(
                 f"TextStreamer streams one sequence: expected batch size 1, found {value.shape[0]} rows"

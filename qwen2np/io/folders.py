@@ -66,23 +66,36 @@ __all__ = ["write_folder", "check_target"]
 
 
 def check_target(target, overwrite=False):
-    """The folder `write_folder` would replace (a symbolic link followed), after the checks it makes on
-    entry: raises `OutputExistsError` for a file, a broken link, or (unless `overwrite`) a folder that
-    holds anything."""
-    target = Path(target)
+    """The folder `write_folder` would replace (absolute, a symbolic link followed), after the checks it
+    makes on entry: raises `OutputExistsError` for a file, a broken link, the root or a folder holding the
+    current folder (never replaced), or (unless `overwrite`) a folder that holds anything."""
+    given = target
+    target = Path(os.path.abspath(target))  # "out/", "out/.", "a/../out": the folder's own name
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:  # the first ancestor that exists ...
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():  # ... must be a folder, or nothing can be created under it
+        raise OutputExistsError(f"{given}: cannot write it, {ancestor} is a file, not a folder")
     if target.is_symlink():
         if not target.exists():
-            raise OutputExistsError(f"{target}: a broken symbolic link (to {os.readlink(target)}); remove it "
+            raise OutputExistsError(f"{given}: a broken symbolic link (to {os.readlink(target)}); remove it "
                                     f"or give another folder")
         target = Path(os.path.realpath(target))
-    if target.exists() or target.is_symlink():
+    if target.exists():
         if not target.is_dir():
-            raise OutputExistsError(f"{target}: expected a folder to write into, found a file")
+            raise OutputExistsError(f"{given}: expected a folder to write into, found a file")
+        try:
+            cwd = Path(os.path.realpath(os.getcwd()))
+        except OSError:  # the current folder was removed
+            cwd = None
+        if target.parent == target or (cwd is not None and (cwd == target or target in cwd.parents)):
+            raise OutputExistsError(f"{given}: the root or the current folder (or one holding it) is never "
+                                    f"replaced; give a folder beside or below it")
         if not overwrite:
             present = _entries(target)
             if present:
                 shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-                raise OutputExistsError(f"{target}: the folder holds files ({shown}); pass overwrite=True "
+                raise OutputExistsError(f"{given}: the folder holds files ({shown}); pass overwrite=True "
                                         f"(--overwrite on the command line) to replace it")
     return target
 

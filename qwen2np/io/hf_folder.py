@@ -24,6 +24,7 @@ pickled by torch (`pytorch_model.bin`) are refused: unpickling runs arbitrary co
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,7 @@ def save_hf_folder(folder, config, tensors, generation_config=None, max_shard_by
                               f"found {dtype!r}")
     if overwrite not in (None, True, False):
         raise CheckpointError(f"save_hf_folder: overwrite must be None, True or False, found {overwrite!r}")
+    _check_save_inputs(config, tensors, generation_config, max_shard_bytes, dtype)
     keep = None
     if overwrite is None:
         target = check_target(folder, overwrite=True)  # a file there is refused in any case
@@ -220,6 +222,37 @@ def save_hf_folder(folder, config, tensors, generation_config=None, max_shard_by
             keep = lambda name: not _is_model_file(name)  # noqa: E731  (the tokenizer's files, a README)
     with write_folder(folder, overwrite=overwrite is not False, keep=keep) as tmp:
         write_hf_files(tmp, config, tensors, generation_config, max_shard_bytes, dtype)
+
+
+def _check_save_inputs(config, tensors, generation_config, max_shard_bytes, dtype):
+    """Refuse, before anything is written, what save_hf_folder could not write whole."""
+    from .safetensors_file import _NAME_OF
+
+    for name, value in (("config", config), ("generation_config", generation_config)):
+        if value is None and name == "generation_config":
+            continue
+        if not isinstance(value, Mapping):
+            raise CheckpointError(f"save_hf_folder: {name} must be a dict, found {type(value).__name__}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"save_hf_folder: {name} cannot be written as JSON: {e}") from None
+    if not isinstance(tensors, Mapping):
+        raise CheckpointError(f"save_hf_folder: tensors must be a dict {{name: array}}, found {type(tensors).__name__}")
+    for name, array in tensors.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"save_hf_folder: tensor names must be strings, found {name!r}")
+        if not (hasattr(array, "shape") and hasattr(array, "dtype")):
+            raise CheckpointError(f"save_hf_folder: tensor {name!r} must be an array, found {type(array).__name__}")
+        stored = np.dtype(array.dtype)
+        if (stored.name not in _NAME_OF) if dtype is None else (stored.name not in _NAME_OF and stored.kind not in "iub"):
+            raise CheckpointError(f"save_hf_folder: tensor {name!r} has dtype {stored.name}, which cannot be "
+                                  f"written {'as it is' if dtype is None else f'as {dtype}'} (expected one of "
+                                  f"{', '.join(_NAME_OF)})")
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
+                                        or max_shard_bytes < 1):
+        raise CheckpointError(f"save_hf_folder: max_shard_bytes must be None or an integer >= 1, found "
+                              f"{max_shard_bytes!r}")
 
 
 def write_hf_files(folder, config, tensors, generation_config=None, max_shard_bytes=None, dtype=None):
