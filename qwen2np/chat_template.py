@@ -98,6 +98,8 @@ def apply_chat_template(
     if sanitize_control_tokens:
         raise ChatTemplateError("sanitize_control_tokens is not supported by qwen2np's apply_chat_template")
     template = get_chat_template(tokenizer, chat_template, tools)
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"a chat template must be a string (Jinja2 source), found {type(template).__name__}")
     if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
         raise ChatTemplateError("cannot apply a chat template to an empty conversation: give at least one message")
     is_batched = isinstance(conversation, (list, tuple)) and (

@@ -58,8 +58,12 @@ def get_json_schema(func):
     m = _RETURNS_RE.search(doc)
     returns_doc = m.group(1).strip() if m else None
 
-    hints = typing.get_type_hints(func)
-    params = list(inspect.signature(func).parameters.values())
+    try:
+        hints = typing.get_type_hints(func)
+        params = list(inspect.signature(func).parameters.values())
+    except Exception as e:  # a forward reference that names nothing, an object that is not a function
+        raise ChatTemplateError(f"tool {name}: cannot read its signature and type hints ({type(e).__name__}: "
+                                f"{e})") from e
     implicit = None  # an unannotated first `self` / `cls` is the receiver, not an argument
     if params and params[0].name in ("self", "cls") and params[0].annotation is inspect.Parameter.empty:
         implicit, params = params[0].name, params[1:]
@@ -92,7 +96,15 @@ def get_json_schema(func):
         desc = arg_docs[arg]
         choices = re.search(r"\(choices:\s*(.*?)\)\s*$", desc, flags=re.IGNORECASE)
         if choices:
-            schema["enum"] = [c.strip() if isinstance(c, str) else c for c in json.loads(choices.group(1))]
+            try:
+                values = json.loads(choices.group(1))
+            except ValueError as e:
+                raise ChatTemplateError(f"tool {name}: argument {arg!r}: the docstring's (choices: ...) must be a "
+                                        f"JSON list, found {choices.group(1)!r} ({e})") from None
+            if not isinstance(values, list):
+                raise ChatTemplateError(f"tool {name}: argument {arg!r}: the docstring's (choices: ...) must be a "
+                                        f"JSON list, found {choices.group(1)!r}")
+            schema["enum"] = [c.strip() if isinstance(c, str) else c for c in values]
             desc = choices.string[: choices.start()].strip()
         schema["description"] = desc
     out = {"name": name, "description": description, "parameters": parameters}

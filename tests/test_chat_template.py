@@ -347,6 +347,7 @@ def test_other_python_errors_in_a_template_are_template_errors():
     ([{"role": "user", "content": [{"type": "text", "text": b"hi"}]}], "content part 0: a text part needs a string 'text', found bytes"),
     ([[{"role": "user", "content": "ok"}], [{"role": "user"}, {"role": 1}]], "conversation 1, message 1: 'role' must be a string"),
     ("hello", "expected a list of messages"),
+    (0, "expected a list of messages, found int"),
 ])
 def test_malformed_messages_are_refused_with_their_index(conversation, message):
     with pytest.raises(ChatTemplateError, match=message):
@@ -384,3 +385,33 @@ def test_bounds_belong_to_their_rendering():
     assert len(results) == 1 and chat_template._BUDGET.get() is None
     compiled = chat_template.compile_template("{{ 'x' | center(5) }}")  # outside render: no budget, no bound
     assert compiled.render() == "  x  "
+
+
+def test_tools_that_cannot_become_schemas_are_template_errors():
+    def unknown_type(x: "NoSuchType"):  # noqa: F821
+        """Do.
+
+        Args:
+            x: an x
+        """
+
+    def bad_choices(x: str):
+        """Do.
+
+        Args:
+            x: an x (choices: [a, b])
+        """
+
+    with pytest.raises(ChatTemplateError, match="tool unknown_type: cannot read its signature and type hints "
+                                                "\\(NameError"):
+        get_json_schema(unknown_type)
+    with pytest.raises(ChatTemplateError, match="tool bad_choices: argument 'x': the docstring's \\(choices: ...\\) "
+                                                "must be a JSON list"):
+        get_json_schema(bad_choices)
+    with pytest.raises(ChatTemplateError, match="cannot read its signature"):
+        get_json_schema(5)
+
+
+def test_a_template_must_be_text():
+    with pytest.raises(ChatTemplateError, match="a chat template must be a string .* found int"):
+        _render(5)

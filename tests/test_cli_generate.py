@@ -117,6 +117,7 @@ def test_chat_ctrl_c_stops_the_answer_only(checkpoint_env):
     (["generate", "--bogus", "hi"], "unrecognized arguments: --bogus"),
     (["generate", "--model", "/no/such/model.gguf", "hi"], "no such file or folder: /no/such/model.gguf"),
     (["chat", "--seed", "-1"], "seed must be in [0, 2**64)"),
+    (["generate", "--no-chat", ""], "the prompt is empty: with --no-chat there is no text to continue"),
 ])
 def test_bad_input_is_one_line(args, message):
     r = run_cli(*args)

@@ -171,6 +171,7 @@ def test_the_dump_command_end_to_end(tiny_folder, tmp_path, model):
     (["--ids", "[[1, 2], [3, true]]"], 1, "--ids: row 2 item 2 (true) is not an integer"),
     (["--ids", "[1, 2"], 1, "--ids: not valid JSON"),
     (["--ids", "1,-2"], 1, "--ids: item 2 (-2) is not a token id"),
+    (["--ids", "[[1, 2], [3, 48]]"], 1, "--ids: id 48 (row 2, item 2) is not a token id of this model (vocab_size 48)"),
     (["--ids", "1", "--attention-mask", "[1, x]"], 1, "--attention-mask: not valid JSON"),
     (["--prompt", "\udcff"], 1, "--prompt is not valid UTF-8: byte 0xff"),
     (["--ids", "1,2", "--decode-steps", "2"], 1, "decode_steps must be in"),
