@@ -273,7 +273,7 @@ def _render(template, conv=None, **kw):
         special_tokens_map = {}
         chat_template = template
 
-    return apply_chat_template(Tok(), conv or CONVERSATIONS["user only"], tokenize=False, **kw)
+    return apply_chat_template(Tok(), CONVERSATIONS["user only"] if conv is None else conv, tokenize=False, **kw)
 
 
 def test_rendering_is_bounded_in_time():
@@ -347,7 +347,7 @@ def test_other_python_errors_in_a_template_are_template_errors():
     ([{"role": "user", "content": [{"type": "text", "text": b"hi"}]}], "content part 0: a text part needs a string 'text', found bytes"),
     ([[{"role": "user", "content": "ok"}], [{"role": "user"}, {"role": 1}]], "conversation 1, message 1: 'role' must be a string"),
     ("hello", "expected a list of messages"),
-    (0, "expected a list of messages, found int"),
+    (0, "expected a list of messages .* found int"),
 ])
 def test_malformed_messages_are_refused_with_their_index(conversation, message):
     with pytest.raises(ChatTemplateError, match=message):
