@@ -144,3 +144,10 @@ def test_os_errors_in_any_command_are_one_line(code, message):
 def test_usage_errors_are_status_2():
     for args in (["tokenize"], ["nosuchcommand"], ["dump", "--out", "x"], ["convert", "a", "b", "--dtype", "int3"]):
         assert one_line(run(QWEN2NP + args), code=2).startswith("qwen2np")
+
+
+def test_bytes_of_argv_that_are_not_utf8_are_printed_back_as_they_came():
+    """A path given in bytes that are not UTF-8 (legal on Linux) comes back on stdout byte for byte."""
+    script = "import qwen2np.cli.fetch as f\ndef run(args): print(args.cache_dir)\nf.run = run\n"
+    r = run(patched(script, b"fetch", b"--cache-dir", b"/tmp/caf\xe9"))
+    assert r.returncode == 0 and r.stdout == b"/tmp/caf\xe9\n" and r.stderr == b""

@@ -63,7 +63,15 @@ class _Stdout:
 
     def write(self, text):
         try:
-            return self._stream.write(text)
+            try:
+                return self._stream.write(text)
+            except UnicodeEncodeError as e:
+                if "\udc80" <= e.object[e.start] <= "\udcff" and hasattr(self._stream, "buffer"):
+                    # bytes of argv that were not UTF-8 (a path, say), given back as they came
+                    self._stream.flush()
+                    self._stream.buffer.write(text.encode(self._stream.encoding, "surrogateescape"))
+                    return len(text)
+                raise
         except OSError as e:
             raise _stdout_error(e) from None
         except UnicodeEncodeError as e:
