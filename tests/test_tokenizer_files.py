@@ -91,8 +91,15 @@ def test_merges_not_utf8(tmp_path):
 @pytest.mark.parametrize("config, message", [
     ('{"model_max_length": "big"}', r"tokenizer_config.json: key 'model_max_length': expected a number, found 'big'"),
     ('{"split_special_tokens": "no"}', r"key 'split_special_tokens': expected true or false"),
-    ('{"added_tokens_decoder": {"x": {"content": "<a>"}}}', r"key 'added_tokens_decoder': expected integer ids as keys"),
-    ('{"added_tokens_decoder": {"300": {"content": 5}}}', r"key 'added_tokens_decoder.300': key 'content': expected a string"),
+    ('{"added_tokens_decoder": {"x": {"content": "<a>"}}}', r"key 'added_tokens_decoder': expected non-negative integer ids as keys, found 'x'"),
+    ('{"added_tokens_decoder": {"-1": {"content": "<a>"}}}', r"key 'added_tokens_decoder': expected non-negative integer ids as keys, found '-1'"),
+    ('{"added_tokens_decoder": {"300": {"content": 5}}}', r"key 'added_tokens_decoder.300': key 'content': expected a non-empty string"),
+    ('{"added_tokens_decoder": {"300": {"content": ""}}}', r"key 'added_tokens_decoder.300': key 'content': expected a non-empty string, found ''"),
+    ('{"model_max_length": 1e999}', r"key 'model_max_length': expected a non-negative integer or None, found inf"),
+    ('{"model_max_length": -1}', r"key 'model_max_length': expected a non-negative integer or None, found -1"),
+    ('{"errors": "bogus"}', r"key 'errors': expected the name of a codec error handler \('replace', 'strict', 'ignore', ...\), found 'bogus'"),
+    ('{"normalization": "NFKC"}', r"key 'normalization': expected 'NFC' or None, found 'NFKC'"),
+    ('{"ignore_merges": "yes"}', r"key 'ignore_merges': expected true or false, found 'yes'"),
     ('{"added_tokens_decoder": {"300": {"content": "<a>", "special": "yes"}}}', r"key 'special': expected true or false"),
     ('{"eos_token": 42}', r"key 'eos_token': expected a token string"),
     ('{"additional_special_tokens": "<a>"}', r"key 'additional_special_tokens': expected a list of tokens"),
@@ -118,8 +125,15 @@ def test_config_special_tokens_and_added_tokens(tmp_path):
 
 
 def tokenizer_json(tmp_path, data):
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    """Write `data` as tokenizer.json, with the pipeline fields of Qwen's files where `data` has none."""
+    from test_tokenizer_json import qwen2_tokenizer_json
+
+    pipeline = {k: v for k, v in qwen2_tokenizer_json({}, []).items() if k != "model"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**pipeline, **data}), encoding="utf-8")
     return tmp_path
+
+
+AB = {"a": 0, "b": 1, "ab": 2}
 
 
 @pytest.mark.parametrize("data, message", [
@@ -129,9 +143,15 @@ def tokenizer_json(tmp_path, data):
     ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a"]}}, r"model.merges\[0\]: expected 'left right'"),
     ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", 1]]}}, r"model.merges\[0\]: expected 'left right' or \[left, right\]"),
     ({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": [["a", "b"]]}}, r"model.merges: merges\[0\]: merge 'a b' makes 'ab'"),
-    ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "added_tokens": [{"content": "<x>"}]},
+    ({"model": {"type": "BPE", "vocab": AB, "merges": ["a b"]}, "added_tokens": [{"content": "<x>"}]},
      r"added_tokens\[0\]: expected an object with an integer 'id'"),
-    ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "added_tokens": {}}, r"key 'added_tokens': expected a list"),
+    ({"model": {"type": "BPE", "vocab": AB, "merges": ["a b"]}, "added_tokens": [{"id": -1, "content": "<x>"}]},
+     r"added_tokens\[0\]: expected an object with an integer 'id' from 0 to 2\*\*32 - 1"),
+    ({"model": {"type": "BPE", "vocab": AB, "merges": ["a b"]}, "added_tokens": [{"id": 3, "content": ""}]},
+     r"added_tokens\[0\]: key 'content': expected a non-empty string, found ''"),
+    ({"model": {"type": "BPE", "vocab": AB, "merges": ["a b"]}, "added_tokens": {}}, r"key 'added_tokens': expected a list"),
+    ({"model": {"type": "BPE", "vocab": AB, "merges": []}}, r"key 'model.merges': expected at least one merge, found none"),
+    ({"model": {"type": "BPE", "vocab": AB}}, r"key 'model.merges': expected at least one merge, found none"),
 ])
 def test_tokenizer_json_errors_name_key(tmp_path, data, message):
     with pytest.raises(TokenizerFileError, match=message):
@@ -152,3 +172,55 @@ def test_in_memory_constructor_errors():
         Qwen2Tokenizer(vocab={"a": 0, "b": 1}, merges=["a q"])
     with pytest.raises(TypeError, match="eos_token: expected a str or AddedToken, found int"):
         Qwen2Tokenizer(vocab=tiny_vocab(), merges=[], eos_token=5)
+
+
+@pytest.mark.parametrize("merges", ["", "#version: 0.2\n", "#version: 0.2\r\n", "#version: 0.2\rh e\r"])
+def test_empty_merges_file_is_an_error(tmp_path, merges):
+    """A merges.txt without a single merge (empty, the header alone, or old Mac CR line endings, which
+    the Rust library reads as one #version line) would give a tokenizer of single bytes: refused."""
+    with pytest.raises(TokenizerFileError, match=r"merges.txt: expected at least one merge \(a 'left right' line\), found none"):
+        Qwen2Tokenizer.from_pretrained(write_folder(tmp_path / "m", merges=merges))
+    with pytest.raises(TokenizerFileError, match=r"merges.txt: expected at least one merge"):
+        Qwen2Tokenizer(vocab=tiny_vocab("he"), merges=str(tmp_path / "m" / "merges.txt"))
+
+
+def test_merges_with_byte_order_mark(tmp_path):
+    folder = write_folder(tmp_path / "b", merges="\ufeff#version: 0.2\nh e\n")
+    with pytest.raises(TokenizerFileError, match=r"merges.txt: line 1: starts with a byte order mark \(U\+FEFF\)"):
+        Qwen2Tokenizer.from_pretrained(folder)
+
+
+def test_deeply_nested_json_and_bad_jinja(tmp_path):
+    folder = write_folder(tmp_path / "d", raw_vocab="[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TokenizerFileError, match=r"vocab.json: JSON nested too deeply to read"):
+        Qwen2Tokenizer.from_pretrained(folder)
+    folder = write_folder(tmp_path / "j")
+    (folder / "chat_template.jinja").write_bytes(b"{{ x }}\n\xff")
+    with pytest.raises(TokenizerFileError, match=r"chat_template.jinja: line 2: expected UTF-8 text, found the invalid byte 0xFF"):
+        Qwen2Tokenizer.from_pretrained(folder)
+
+
+def test_save_pretrained_is_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while writing (here: the third file) leaves the folder as it was, without temporaries."""
+    import builtins
+
+    tok = Qwen2Tokenizer.from_pretrained(write_folder(tmp_path / "src"))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "vocab.json").write_text("old", encoding="utf-8")
+    real_open, opened = builtins.open, []
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            opened.append(path)
+            if len(opened) == 3:
+                raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    with pytest.raises(TokenizerFileError, match=r"out: cannot save the tokenizer there \(No space left on device\)"):
+        tok.save_pretrained(target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == ["vocab.json"]
+    assert (target / "vocab.json").read_text(encoding="utf-8") == "old"
+    assert tok.save_pretrained(target) and Qwen2Tokenizer.from_pretrained(target).tokenize("hello") == ["hel", "l", "o"]

@@ -234,12 +234,14 @@ def test_original_pypi_folder(oracle, qwen_files):
 
 
 def bundled_as_tokenizer_json(merges_form):
-    """The bundled files as one tokenizer.json, merges as ["a", "b"] pairs (new) or "a b" strings (old)."""
+    """The bundled files as one tokenizer.json (with the pipeline fields of Qwen's), merges as ["a", "b"]
+    pairs (new) or "a b" strings (old)."""
+    from test_tokenizer_json import qwen2_tokenizer_json
+
     tok = Qwen2Tokenizer.from_pretrained()
     merges = [list(m) if merges_form == "pairs" else " ".join(m) for m in tok._merges]
     added = [{"id": i, **t.__getstate__()} for i, t in tok.added_tokens_decoder.items()]
-    return {"version": "1.0", "added_tokens": added, "normalizer": {"type": "NFC"},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "vocab": tok._vocab, "merges": merges}}
+    return qwen2_tokenizer_json(tok._vocab, merges, added=added)
 
 
 @pytest.mark.parametrize("merges_form", ["pairs", "strings"])

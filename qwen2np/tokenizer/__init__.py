@@ -10,17 +10,45 @@ Files, one concept each, in pipeline order:
 * ``decoding.py``: ids -> text;
 * ``batch.py`` and ``encoding.py``: ``tokenizer(texts, padding=..., truncation=...)`` and BatchEncoding;
 * ``streaming.py``: IncrementalDecoder for token-by-token output;
-* ``files.py``, ``model.py`` and ``loading.py``: reading and writing vocab.json, merges.txt,
-  tokenizer.json, tokenizer_config.json; the shared BPE tables; from_pretrained and save_pretrained.
+* ``cache.py``: each tokenizer's BPE cache (piece -> ids), bounded in bytes and thread-safe;
+* ``files.py``, ``tokenizer_json.py``, ``model.py`` and ``loading.py``: reading and writing vocab.json,
+  merges.txt, tokenizer.json (its pipeline fields honoured or refused), tokenizer_config.json; the shared
+  BPE tables; from_pretrained and save_pretrained.
+
+Module-level state is only caches, each bounded and emptied by `clear_caches()`.
 
 >>> from qwen2np.tokenizer import Qwen2Tokenizer
 >>> Qwen2Tokenizer.from_pretrained().encode("Hello world")
 [9707, 1879]
 """
 
+from . import bytes_level, pretokenize, unicode_compat
 from .added_tokens import AddedToken
+from .cache import BPECache
 from .encoding import BatchEncoding
+from .model import clear_file_cache
 from .streaming import IncrementalDecoder
-from .tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
+from .tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast, forget_bundled
 
-__all__ = ["AddedToken", "BatchEncoding", "IncrementalDecoder", "Qwen2Tokenizer", "Qwen2TokenizerFast"]
+__all__ = ["AddedToken", "BPECache", "BatchEncoding", "IncrementalDecoder", "Qwen2Tokenizer", "Qwen2TokenizerFast",
+           "clear_caches"]
+
+
+def clear_caches():
+    """Empty the tokenizer package's module-level caches; each is also bounded while it fills:
+
+    * the parsed tables of loaded files (`model.py`: up to 256 MB, least recently used out), so the next
+      ``from_pretrained`` of the same files parses them again (tokenizers already made keep theirs);
+    * the bundled tokenizer kept for the command line and doctests (`load_bundled`), with its BPE cache;
+    * the Unicode tables derived on first use (`unicode_compat.py`, one value each, recomputed on use).
+
+    A tokenizer's own BPE cache is its own: ``tok.bpe_cache.clear()``.
+
+    >>> clear_caches()
+    """
+    clear_file_cache()
+    forget_bundled()
+    for function in (unicode_compat.letter_number_fixes, unicode_compat.nfc_barrier_ranges,
+                     unicode_compat.suspect_chars, unicode_compat.nfc_barrier_chars, unicode_compat.nfc_barriers,
+                     pretokenize._rust_table_pattern):
+        function.cache_clear()

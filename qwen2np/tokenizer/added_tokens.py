@@ -16,6 +16,8 @@ Aho-Corasick "leftmost-longest" search).
 
 import re
 
+from ..errors import TokenizerTypeError
+
 # Unicode White_Space (what Rust's char::is_whitespace tests); str.isspace() also accepts \x1c-\x1f.
 _WHITE_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
                          "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
@@ -37,7 +39,7 @@ class AddedToken:
 
     def __init__(self, content, single_word=False, lstrip=False, rstrip=False, normalized=None, special=False):
         if not isinstance(content, str):
-            raise TypeError(f"AddedToken content: expected a str, found {type(content).__name__}")
+            raise TokenizerTypeError(f"AddedToken content: expected a str, found {type(content).__name__}")
         self.content = content
         self.single_word = bool(single_word)
         self.lstrip = bool(lstrip)

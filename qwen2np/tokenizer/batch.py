@@ -5,7 +5,7 @@ The order of the work: encode each text -> add BOS/EOS if configured (Qwen2 adds
 warn once if a sequence is longer than ``model_max_length`` -> pad -> convert to NumPy if asked.
 """
 
-from ..errors import TokenizerInputError
+from ..errors import TokenizerInputError, TokenizerTypeError
 from .encoding import BatchEncoding, pad_rows, truncate_pair
 
 LARGE_INTEGER = int(1e20)  # above this, model_max_length means "unknown" (transformers' rule)
@@ -36,15 +36,27 @@ def _truncation_strategy(truncation):
 
 
 def _check_texts(text, name):
-    """(is_batch, list of texts), with a TypeError naming the type of anything that is not a str."""
+    """(is_batch, list of texts), with a TokenizerTypeError naming anything that is not a str."""
     if isinstance(text, str):
         return False, [text]
     if isinstance(text, (list, tuple)):
         for k, t in enumerate(text):
             if not isinstance(t, str):
-                raise TypeError(f"{name}[{k}]: expected a str, found {type(t).__name__}")
+                raise TokenizerTypeError(f"{name}[{k}]: expected a str, found {type(t).__name__}")
         return True, list(text)
-    raise TypeError(f"{name}: expected a str or a list of str, found {type(text).__name__}")
+    raise TokenizerTypeError(f"{name}: expected a str or a list of str, found {type(text).__name__}")
+
+
+def _check_count(value, name, smallest):
+    """`value` if it is None or an int >= `smallest` (NumPy integers too); else a one-line error."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TokenizerTypeError(f"{name}: expected an int or None, found {type(value).__name__} {value!r:.40}")
+    value = value.__index__()
+    if value < smallest:
+        raise TokenizerInputError(f"{name}: expected an int >= {smallest} or None, found {value}")
+    return value
 
 
 class BatchMethods:
@@ -74,9 +86,11 @@ class BatchMethods:
             if kwargs.pop(key, None) is not None:
                 raise TokenizerInputError(f"{key}: not supported by qwen2np's tokenizer (it has no target mode)")
         if kwargs:
-            raise TypeError(f"tokenizer call: unexpected keyword argument(s) {sorted(kwargs)}")
+            raise TokenizerTypeError(f"tokenizer call: unexpected keyword argument(s) {sorted(kwargs)}")
         if text is None:
-            raise TypeError("tokenizer call: expected `text` (a str or a list of str), found None")
+            raise TokenizerTypeError("tokenizer call: expected `text` (a str or a list of str), found None")
+        max_length = _check_count(max_length, "max_length", 0)
+        pad_to_multiple_of = _check_count(pad_to_multiple_of, "pad_to_multiple_of", 0)  # 0: none, as transformers
         is_batch, texts = _check_texts(text, "text")
         pairs = None
         if text_pair is not None:

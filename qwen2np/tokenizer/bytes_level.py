@@ -15,7 +15,7 @@ back and decodes the bytes as UTF-8.
 from functools import lru_cache
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)  # no arguments: one value, computed on first use
 def bytes_to_unicode():
     """The byte -> stand-in character table of GPT-2 (``dict[int, str]``, 256 entries).
 

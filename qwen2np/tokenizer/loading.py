@@ -12,18 +12,20 @@ Loading follows transformers 5.24's ``from_pretrained``:
 """
 
 import os
+import threading
 from importlib import resources
 
-from ..errors import TokenizerFileError
+from ..errors import TokenizerFileError, TokenizerTypeError
 from .files import (
     SPECIAL_TOKEN_KEYS,
     added_token_from_json,
     find_tokenizer_files,
+    json_text,
+    merges_txt_text,
     read_json,
+    read_text,
     read_tokenizer_config,
-    write_json,
-    write_merges_txt,
-    write_vocab_json,
+    vocab_json_text,
 )
 
 
@@ -77,8 +79,7 @@ def constructor_kwargs_from_folder(folder, tokenizer_json=None):
             elif key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
                 kwargs[key] = [added_token_from_json(t, f"{path}: key {key!r}[{k}]") for k, t in enumerate(value)]
     if "chat_template.jinja" in files:
-        with open(files["chat_template.jinja"], encoding="utf-8") as f:
-            kwargs["chat_template"] = f.read()
+        kwargs["chat_template"] = read_text(files["chat_template.jinja"])
     kwargs["name_or_path"] = str(folder)
     return kwargs
 
@@ -119,14 +120,15 @@ def load_tokenizer(cls, path, kwargs):
 
 
 def save_tokenizer(tok, folder):
-    """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into `folder`."""
+    """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into `folder`.
+
+    Whole or not at all: every file is written beside its target first and renamed into place only when
+    all four are written, so a failure (a full disk) leaves the folder as it was."""
+    if not (isinstance(folder, str) or hasattr(folder, "__fspath__")):
+        raise TokenizerTypeError(f"save_pretrained: expected a folder path, found {type(folder).__name__}")
+    folder = os.fspath(folder)
     if os.path.isfile(folder):
         raise TokenizerFileError(f"{folder}: expected a folder to save the tokenizer in, found a file")
-    os.makedirs(folder, exist_ok=True)
-    paths = {name: os.path.join(folder, name) for name in
-             ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")}
-    write_vocab_json(paths["vocab.json"], tok._vocab)
-    write_merges_txt(paths["merges.txt"], tok._merges)
     specials = {key: getattr(tok, key) for key in SPECIAL_TOKEN_KEYS}
     extra = [str(t) for t in tok._extra_special_tokens]
     config = {
@@ -147,11 +149,29 @@ def save_tokenizer(tok, folder):
     }
     if config["chat_template"] is None:
         del config["chat_template"]
-    if tok.normalization is None:  # a qwen2np key (a GGUF's tokenizer has no NFC step); transformers ignores it
+    # qwen2np's own keys (transformers ignores them): a GGUF's tokenizer has no NFC step; a tokenizer.json
+    # may ask for ignore_merges
+    if tok.normalization is None:
         config["normalization"] = None
-    write_json(paths["tokenizer_config.json"], config)
+    if tok.ignore_merges:
+        config["ignore_merges"] = True
     special_map = {k: v for k, v in specials.items() if v is not None}
     if extra:
         special_map["additional_special_tokens"] = extra
-    write_json(paths["special_tokens_map.json"], special_map)
+    texts = {"tokenizer_config.json": json_text(config), "special_tokens_map.json": json_text(special_map),
+             "vocab.json": vocab_json_text(tok._vocab), "merges.txt": merges_txt_text(tok._merges)}
+    paths = {name: os.path.join(folder, name) for name in texts}
+    temporary = {name: f"{path}.tmp-{os.getpid()}-{threading.get_ident()}" for name, path in paths.items()}
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, text in texts.items():
+            with open(temporary[name], "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+        for name in texts:
+            os.replace(temporary[name], paths[name])
+    except OSError as e:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise TokenizerFileError(f"{folder}: cannot save the tokenizer there ({e.strerror or e})") from None
     return tuple(paths.values())

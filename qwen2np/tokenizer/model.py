@@ -10,16 +10,35 @@ from them (loading Qwen's 151,643 tokens and 151,387 merges takes about half a s
 """
 
 import os
-from collections import namedtuple
+import threading
+from collections import OrderedDict, namedtuple
 
 from .bpe import merge_table
 from .bytes_level import bytes_to_unicode
-from .files import check_merges, check_vocab, normalize_merges, read_merges_txt, read_tokenizer_json, read_vocab_json
+from .files import check_merges, check_vocab, normalize_merges, read_merges_txt, read_vocab_json
+from .tokenizer_json import read_tokenizer_json
 
 BPEModel = namedtuple("BPEModel", "vocab merges table id_to_token byte_ids")
 
-_FILE_CACHE = {}  # (kind, paths, sizes, mtimes) -> (BPEModel, added tokens of tokenizer.json)
-_FILE_CACHE_SIZE = 4
+# The parsed tables of recently loaded files, shared by the tokenizers made from them. Bounded in
+# (estimated) bytes, least recently used first out; `clear_file_cache()` empties it. A tokenizer keeps
+# its own references, so clearing never breaks one.
+# (kind, paths, sizes, mtimes) -> (estimated bytes, what the loader returned)
+_FILE_CACHE = OrderedDict()
+_FILE_CACHE_MAX_BYTES = 256 * 2**20  # three Qwen-sized tables (about 68 MB each)
+_FILE_CACHE_LOCK = threading.RLock()  # loads are serialized: two threads never build the same tables twice
+
+
+def model_bytes(model):
+    """An estimate of the memory a BPEModel holds: about 250 bytes per token (vocab, id_to_token) and
+    200 per merge (the pair, the packed table entry); tracemalloc measures 68 MB for Qwen2's tables."""
+    return 250 * len(model.vocab) + 200 * len(model.merges)
+
+
+def clear_file_cache():
+    """Forget the tables of loaded files (tokenizers already made keep theirs)."""
+    with _FILE_CACHE_LOCK:
+        _FILE_CACHE.clear()
 
 
 def build_model(vocab, merges, vocab_where="vocab", merges_where="merges", line_numbers=None):
@@ -42,11 +61,16 @@ def _cached(kind, paths, build):
         key = (kind, *((os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths))
     except OSError:
         return build()  # a missing file: let the reader raise its precise error
-    if key not in _FILE_CACHE:
-        if len(_FILE_CACHE) >= _FILE_CACHE_SIZE:
-            _FILE_CACHE.pop(next(iter(_FILE_CACHE)))
-        _FILE_CACHE[key] = build()
-    return _FILE_CACHE[key]
+    with _FILE_CACHE_LOCK:
+        if key in _FILE_CACHE:
+            _FILE_CACHE.move_to_end(key)
+            return _FILE_CACHE[key][1]
+        built = build()
+        nbytes = model_bytes(built[0] if kind == "tokenizer.json" else built)
+        _FILE_CACHE[key] = (nbytes, built)
+        while sum(n for n, _ in _FILE_CACHE.values()) > _FILE_CACHE_MAX_BYTES and len(_FILE_CACHE) > 1:
+            _FILE_CACHE.popitem(last=False)
+        return built
 
 
 def load_model_files(vocab_file, merges_file):
@@ -61,10 +85,11 @@ def load_model_files(vocab_file, merges_file):
 
 
 def load_tokenizer_json_model(path):
-    """The model and the ``{id: AddedToken}`` of a tokenizer.json (cached like `load_model_files`)."""
+    """The model, the ``{id: AddedToken}`` and the `Pipeline` of a tokenizer.json (cached like
+    `load_model_files`)."""
 
     def build():
-        vocab, merges, added = read_tokenizer_json(path)
-        return build_model(vocab, merges, f"{path}: model.vocab", f"{path}: model.merges"), added
+        vocab, merges, added, pipeline = read_tokenizer_json(path)
+        return build_model(vocab, merges, f"{path}: model.vocab", f"{path}: model.merges"), added, pipeline
 
     return _cached("tokenizer.json", (path,), build)

@@ -45,7 +45,7 @@ def nfc(text):
     return unicodedata.normalize("NFC", text)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)  # no arguments: one value, computed on first use
 def _rust_table_pattern():
     """The Qwen2 pattern with \\p{L} and \\p{N} replaced by Rust's classes (slower; rarely needed)."""
     letters, numbers = rust_classes()

@@ -9,7 +9,8 @@ Each push decodes only its own bytes plus at most three held back ones: O(1) per
 the stream.
 """
 
-from .decoding import as_id
+from ..errors import TokenizerTypeError
+from .decoding import DecodeMethods, as_id, decode_utf8
 
 
 def _incomplete_tail(buf):
@@ -50,6 +51,8 @@ class IncrementalDecoder:
     """
 
     def __init__(self, tokenizer, skip_special_tokens=False):
+        if not isinstance(tokenizer, DecodeMethods):
+            raise TokenizerTypeError(f"IncrementalDecoder: expected a qwen2np Qwen2Tokenizer, found {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._pending = b""  # bytes of an unfinished character, at most 3
@@ -65,12 +68,13 @@ class IncrementalDecoder:
         keep = _incomplete_tail(buf)
         # subtle: the held-back bytes start with a lead byte, which always ends the character before it,
         # so decoding the head now gives the same text as decoding the whole stream later
+        text = decode_utf8(buf[: len(buf) - keep], tok.errors)  # (errors="strict" may refuse: state unchanged)
         self._pending = buf[len(buf) - keep :] if keep else b""
-        return buf[: len(buf) - keep].decode("utf-8", tok.errors)
+        return text
 
     def flush(self):
         """Return the rest: the held-back bytes, decoded with U+FFFD for an unfinished character."""
-        text = self._pending.decode("utf-8", self.tokenizer.errors)
+        text = decode_utf8(self._pending, self.tokenizer.errors)
         self._pending = b""
         return text
 

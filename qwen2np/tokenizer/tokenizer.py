@@ -13,21 +13,25 @@ Batching, padding and truncation live in `batch.py`; decoding in `decoding.py`; 
 `loading.py`.
 """
 
-from itertools import chain
+import operator
+import threading
 
-from ..errors import TokenizerInputError
+from ..errors import TokenizerInputError, TokenizerTypeError
 from .added_tokens import AddedToken, AddedVocabulary
 from .batch import BatchMethods
-from .decoding import DecodeMethods, as_id
 from .bpe import bpe
-from .files import SPECIAL_TOKEN_KEYS, added_token_from_json, read_merges_txt, read_vocab_json
-from .model import build_model, load_model_files, load_tokenizer_json_model
+from .bytes_level import to_byte_level
+from .cache import BPECache
+from .decoding import DecodeMethods, as_id
+from .files import (SETTINGS, SPECIAL_TOKEN_KEYS, added_token_from_json, read_merges_txt, read_vocab_json,
+                    setting_problem)
 from .loading import load_tokenizer, save_tokenizer
+from .model import build_model, load_model_files, load_tokenizer_json_model
 from .pretokenize import nfc, pretokenize
 
 
 VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when none is known
-CACHE_LIMIT = 200_000  # pieces kept in the BPE cache before it is emptied
+FROM_FILES = "from files"  # normalization's default: what tokenizer.json says, else "NFC"
 
 
 class Qwen2Tokenizer(BatchMethods, DecodeMethods):
@@ -54,15 +58,19 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
                  chat_template=None, padding_side="right", truncation_side="right", add_bos_token=False,
                  add_eos_token=False, name_or_path="",
                  clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=False,
-                 sep_token=None, cls_token=None, mask_token=None, normalization="NFC", **kwargs):
+                 sep_token=None, cls_token=None, mask_token=None, normalization=FROM_FILES, ignore_merges=None,
+                 **kwargs):
         # -- the BPE model: vocab and merges, from dicts/lists or files (v5 and 4.x argument forms)
-        json_added = {}
-        if isinstance(vocab, (str, bytes)) or hasattr(vocab, "__fspath__"):
+        json_added, pipeline = {}, None
+        if _is_path(vocab):
             vocab_file, vocab = vocab, None
-        if isinstance(merges, (str, bytes)) or hasattr(merges, "__fspath__"):
+        if _is_path(merges):
             merges_file, merges = merges, None
+        for name, path in (("vocab_file", vocab_file), ("merges_file", merges_file), ("tokenizer_file", tokenizer_file)):
+            if path is not None and not _is_path(path):
+                raise TokenizerTypeError(f"{name}: expected a path, found {type(path).__name__}")
         if vocab is None and merges is None and tokenizer_file is not None:
-            model, json_added = load_tokenizer_json_model(tokenizer_file)
+            model, json_added, pipeline = load_tokenizer_json_model(tokenizer_file)
         elif vocab is None and merges is None and vocab_file is not None and merges_file is not None:
             model = load_model_files(vocab_file, merges_file)
         else:
@@ -74,15 +82,29 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
                 merges_where = str(merges_file)
             if vocab is None:  # transformers 5.24 builds a one-token tokenizer when given nothing
                 vocab = {"<|endoftext|>": 0}
-            model = build_model(vocab, merges or [], "vocab", merges_where, line_numbers)
+            model = build_model(vocab, merges if merges is not None else [], "vocab", merges_where, line_numbers)
         self._vocab, self._merges, self._merge_table, self._id_to_token, self._byte_ids = model
         self._full_alphabet = None not in self._byte_ids
-        self._cache = {}  # piece -> its ids; this tokenizer's own (tables above are shared)
+        # piece -> ids: this tokenizer's own, bounded in bytes, thread-safe (cache.py); the tables above
+        # are shared, read-only, with every tokenizer made from the same files
+        self.bpe_cache = BPECache()
 
-        # -- settings (the names and meanings of transformers' PreTrainedTokenizerBase)
+        # -- the stages around BPE: as the arguments say, else as tokenizer.json says (tokenizer_json.py)
+        if normalization == FROM_FILES:
+            normalization = pipeline.normalization if pipeline is not None else "NFC"
+        if add_prefix_space is None and pipeline is not None:
+            add_prefix_space = pipeline.add_prefix_space
+        if ignore_merges is None:
+            ignore_merges = pipeline.ignore_merges if pipeline is not None else False
+        if type(ignore_merges) is not bool:
+            raise TokenizerTypeError(f"ignore_merges: expected True or False, found {type(ignore_merges).__name__}")
+        # True: a piece that is itself a vocabulary token is emitted whole, without merging (fixed for
+        # the tokenizer's life: the BPE cache depends on it)
+        self._ignore_merges = ignore_merges
+
+        # -- settings (the names and meanings of transformers' PreTrainedTokenizerBase); the checked ones
+        # (files.SETTINGS) are checked again whenever they are set, in __setattr__
         self.name_or_path = str(name_or_path)
-        if normalization not in ("NFC", None):
-            raise TokenizerInputError(f"normalization={normalization!r}: expected 'NFC' or None")
         # None: no NFC step, as transformers builds the tokenizer of a GGUF file (qwen2np.io.gguf_tokenizer)
         self.normalization = normalization
         self.errors = errors
@@ -91,15 +113,10 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
         self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = bool(
             clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output)
         self.split_special_tokens = bool(split_special_tokens)
-        self.model_max_length = int(model_max_length) if model_max_length is not None else VERY_LARGE_INTEGER
-        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
-            if side not in ("left", "right"):
-                raise TokenizerInputError(f"{name}={side!r}: expected 'left' or 'right'")
+        self.model_max_length = model_max_length
         self.padding_side, self.truncation_side = padding_side, truncation_side
         self.add_bos_token, self.add_eos_token = bool(add_bos_token), bool(add_eos_token)
-        if isinstance(chat_template, (list, tuple)):
-            chat_template = {t["name"]: t["template"] for t in chat_template}
-        self.chat_template = chat_template
+        self.chat_template = _chat_template(chat_template)
         self.init_kwargs = dict(kwargs)  # keys qwen2np does not use, kept as transformers keeps them
         self.deprecation_warnings = {}
 
@@ -107,19 +124,27 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
         self._added = AddedVocabulary()
         if added_tokens_decoder is None:
             added_tokens_decoder = json_added
-        for token_id, token in sorted(((int(k), v) for k, v in added_tokens_decoder.items()), key=lambda kv: kv[0]):
-            self._added.add(added_token_from_json(token, f"added_tokens_decoder[{token_id}]"), token_id)
+        for token_id, token in _added_tokens_by_id(added_tokens_decoder):
+            # a copy: the AddedTokens of a cached tokenizer.json are shared by every tokenizer made from it
+            token = added_token_from_json(token, f"added_tokens_decoder[{token_id}]")
+            if not token.content:
+                raise TokenizerInputError(f"added_tokens_decoder[{token_id}]: expected a non-empty token, found ''")
+            self._added.add(AddedToken(**token.__getstate__()), token_id)
         self._special = {}
         named = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, sep_token=sep_token,
                      pad_token=pad_token, cls_token=cls_token, mask_token=mask_token)
         for key in SPECIAL_TOKEN_KEYS:
             value = named[key]
             if value is not None and not isinstance(value, (str, AddedToken)):
-                raise TypeError(f"{key}: expected a str or AddedToken, found {type(value).__name__}")
+                raise TokenizerTypeError(f"{key}: expected a str or AddedToken, found {type(value).__name__}")
             self._special[key] = None if value is None else str(value)
         extra = extra_special_tokens if extra_special_tokens is not None else additional_special_tokens
         if extra is not None and not isinstance(extra, (list, tuple)):
-            raise TypeError(f"additional_special_tokens: expected a list of tokens, found {type(extra).__name__}")
+            raise TokenizerTypeError(f"additional_special_tokens: expected a list of tokens, found {type(extra).__name__}")
+        for k, t in enumerate(extra or []):
+            if not isinstance(t, (str, AddedToken)):
+                raise TokenizerTypeError(
+                    f"additional_special_tokens[{k}]: expected a str or AddedToken, found {type(t).__name__}")
         self._extra_special_tokens = [str(t) for t in (extra or [])]
         # transformers 5.24's Qwen2Tokenizer ends its __init__ with add_tokens(AddedToken(t, special=True)
         # for t in all_special_tokens): a named token that is not there yet is appended as special.
@@ -137,7 +162,10 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
         8
         """
         if init_inputs:
-            raise TypeError(f"from_pretrained takes one path; found extra positional arguments {init_inputs!r}")
+            raise TokenizerTypeError(f"from_pretrained takes one path; found extra positional arguments {init_inputs!r:.80}")
+        if pretrained_model_name_or_path is not None and not _is_path(pretrained_model_name_or_path):
+            raise TokenizerTypeError(f"from_pretrained: expected a path (a folder, a tokenizer.json, a .gguf file) "
+                                     f"or None, found {type(pretrained_model_name_or_path).__name__}")
         for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code"):
             kwargs.pop(key, None)  # Hub arguments: qwen2np reads local files only
         return load_tokenizer(cls, pretrained_model_name_or_path, kwargs)
@@ -145,7 +173,7 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
     def save_pretrained(self, save_directory, **kwargs):
         """Write vocab.json, merges.txt, tokenizer_config.json (with added_tokens_decoder and
         chat_template) and special_tokens_map.json; transformers 5.24 loads the folder. Returns the paths."""
-        return save_tokenizer(self, str(save_directory))
+        return save_tokenizer(self, save_directory)
 
     def _add_token(self, token):
         """Add one AddedToken: the vocabulary's id if the content is a vocabulary token, else the next id."""
@@ -168,18 +196,21 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
         """
         if isinstance(new_tokens, (str, AddedToken)):
             new_tokens = [new_tokens]
+        if not isinstance(new_tokens, (list, tuple)):
+            raise TokenizerTypeError(f"add_tokens: expected a str, an AddedToken or a list of them, found "
+                                     f"{type(new_tokens).__name__}")
         tokens = []
-        for t in new_tokens:
+        for k, t in enumerate(new_tokens):  # all checked before any is added
             if isinstance(t, str):
                 t = AddedToken(t, special=special_tokens)
             elif not isinstance(t, AddedToken):
-                raise TypeError(f"add_tokens: expected str or AddedToken, found {type(t).__name__}")
+                raise TokenizerTypeError(f"add_tokens: new_tokens[{k}]: expected a str or AddedToken, found {type(t).__name__}")
             tokens.append(t)
         # counted as the Rust library counts: tokens new to the added vocabulary (even if in vocab.json)
-        added = sum(t.content not in self._added.by_content and bool(t.content) for t in tokens)
+        added = len({t.content for t in tokens if t.content and t.content not in self._added.by_content})
         for t in tokens:
             self._add_token(t)
-        self._cache.clear()
+        # (the BPE cache stays valid: added tokens are split off before BPE, which never sees them)
         return added
 
     # ------------------------------------------------------------------ vocabulary and special tokens
@@ -255,8 +286,16 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
         >>> tok.convert_tokens_to_ids(["Hello", "Ġworld", "<|im_end|>"])
         [9707, 1879, 151645]
         """
+        if tokens is None:  # as transformers
+            return None
         if isinstance(tokens, str):
             return self._token_to_id(tokens)
+        if not isinstance(tokens, (list, tuple)):
+            raise TokenizerTypeError(f"convert_tokens_to_ids: expected a token string or a list of them, found "
+                                     f"{type(tokens).__name__}")
+        for k, t in enumerate(tokens):
+            if not isinstance(t, str):
+                raise TokenizerTypeError(f"convert_tokens_to_ids: tokens[{k}]: expected a str, found {type(t).__name__}")
         return [self._token_to_id(t) for t in tokens]
 
     def _id_token(self, token_id):
@@ -287,21 +326,34 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name, value):
+        if name in SETTINGS:  # checked before it is set: a refused value leaves the tokenizer as it was
+            problem = setting_problem(name, value)
+            if problem is not None:
+                error, message = problem
+                raise error(f"{name}: {message}")
+            if name == "model_max_length":
+                value = VERY_LARGE_INTEGER if value is None else int(value)
         special = self.__dict__.get("_special")
         if special is not None and (name in special or (name.endswith("_id") and name[:-3] in special)):
             if name.endswith("_id"):
                 name, value = name[:-3], (None if value is None else self._id_token(value))
             if value is not None and not isinstance(value, (str, AddedToken)):
-                raise TypeError(f"{name}: expected a str or AddedToken, found {type(value).__name__}")
+                raise TokenizerTypeError(f"{name}: expected a str or AddedToken, found {type(value).__name__}")
             special[name] = None if value is None else str(value)
             return
         object.__setattr__(self, name, value)
+
+    @property
+    def ignore_merges(self):
+        """True when a piece that is itself a vocabulary token is emitted whole (tokenizer.json's
+        ``model.ignore_merges``); fixed when the tokenizer is made."""
+        return self._ignore_merges
 
     # ------------------------------------------------------------------ encoding
     def _encode_text(self, text, split_special_tokens):
         """The ids of one string, without any special tokens added (the pipeline of the module doc)."""
         if not isinstance(text, str):
-            raise TypeError(f"text: expected a str, found {type(text).__name__}")
+            raise TokenizerTypeError(f"text: expected a str, found {type(text).__name__}")
         ids = []
         # subtle: added tokens are found in the raw text, *before* NFC (a following combining mark must
         # not fuse with '>' and hide the token), as the Rust library does; docs/tokenizer.md
@@ -325,19 +377,16 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
             _check_encodable(text)
         if self.add_prefix_space:  # the ByteLevel pre-tokenizer's option, applied to every piece
             pieces = [p if p.startswith(" ") else " " + p for p in pieces]
-        cache = self._cache
-        missing = set(pieces).difference(cache)
-        if missing:
-            if len(cache) + len(missing) > CACHE_LIMIT:
-                cache.clear()
-            for piece in missing:
-                cache[piece] = self._bpe_ids(piece)
-        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        return self.bpe_cache.ids(pieces, self._bpe_ids)
 
     def _bpe_ids(self, piece):
         """Byte-level mapping and BPE of one piece (no cache): UTF-8 bytes -> ids of the one-character
         tokens that stand for them (``to_byte_level`` then vocabulary lookup, folded into one table) ->
-        merges."""
+        merges. With ``ignore_merges``, a piece that is a vocabulary token is that token, unmerged."""
+        if self._ignore_merges:
+            token_id = self._vocab.get(to_byte_level(piece))
+            if token_id is not None:
+                return [token_id]
         ids = list(map(self._byte_ids.__getitem__, piece.encode("utf-8")))
         if not self._full_alphabet:
             ids = [i for i in ids if i is not None]
@@ -382,12 +431,59 @@ def _check_encodable(text):
             f"{e.start} of a segment") from None
 
 
+def _is_path(value):
+    return isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
+
+
+def _added_tokens_by_id(added_tokens_decoder):
+    """``[(id, token), ...]`` in id order from ``{id: token}`` (ids as ints or decimal strings)."""
+    if not isinstance(added_tokens_decoder, dict):
+        raise TokenizerTypeError(
+            f"added_tokens_decoder: expected a dict {{id: AddedToken}}, found {type(added_tokens_decoder).__name__}")
+    out = []
+    for key, token in added_tokens_decoder.items():
+        if isinstance(key, str):
+            token_id = int(key) if key.isdecimal() and key.isascii() else None
+        else:
+            try:
+                token_id = operator.index(key)
+            except TypeError:
+                token_id = None
+        if token_id is None or token_id < 0:
+            raise TokenizerInputError(f"added_tokens_decoder: key {key!r:.40}: expected a non-negative integer id")
+        out.append((token_id, token))
+    return sorted(out, key=lambda kv: kv[0])
+
+
+def _chat_template(value):
+    """A chat template: a str, a ``{name: template}`` dict, or None (a list of ``{name, template}`` becomes
+    the dict)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    raise TokenizerTypeError(f"chat_template: expected a str, a {{name: template}} dict or a list of "
+                             f"{{name, template}}, found {value!r:.60}")
+
+
 def load_bundled():
     """The bundled tokenizer, loaded once per process (for the CLI and doctests)."""
     global _BUNDLED
-    if _BUNDLED is None:
-        _BUNDLED = Qwen2Tokenizer.from_pretrained()
-    return _BUNDLED
+    with _BUNDLED_LOCK:
+        if _BUNDLED is None:
+            _BUNDLED = Qwen2Tokenizer.from_pretrained()
+        return _BUNDLED
+
+
+def forget_bundled():
+    """Drop the tokenizer `load_bundled` keeps (its cache with it); the next call loads a new one."""
+    global _BUNDLED
+    with _BUNDLED_LOCK:
+        _BUNDLED = None
 
 
 _BUNDLED = None
+_BUNDLED_LOCK = threading.Lock()

@@ -58,7 +58,7 @@ def char_class(ranges):
     return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)  # no arguments: one value, computed on first use
 def letter_number_fixes():
     """(regex-only letters, Rust-only letters, regex-only numbers, Rust-only numbers) as ranges."""
     if regex.__version__ == tables.GENERATED_WITH["regex"]:
@@ -71,7 +71,7 @@ def letter_number_fixes():
     return _ranges(ours_l - rust_l), _ranges(rust_l - ours_l), _ranges(ours_n - rust_n), _ranges(rust_n - ours_n)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)  # no arguments: one value, computed on first use
 def nfc_barrier_ranges():
     """Characters that Python's NFC reorders or composes and Rust's treats as plain starters."""
     if unicodedata.unidata_version == tables.GENERATED_WITH["unicodedata"]:
@@ -88,7 +88,7 @@ def nfc_barrier_ranges():
     return _ranges(barriers)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)  # no arguments: one value, computed on first use
 def suspect_chars():
     """The characters whose \\p{L}/\\p{N} class differs between `regex` and Rust (a frozenset of str).
 
@@ -114,7 +114,7 @@ def rust_classes():
     return fixed(r"\p{L}", al, dl), fixed(r"\p{N}", an, dn)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)  # no arguments: one value, computed on first use
 def nfc_barrier_chars():
     """The NFC barrier characters as a frozenset of str.
 
@@ -124,7 +124,7 @@ def nfc_barrier_chars():
     return frozenset(chr(c) for a, b in nfc_barrier_ranges() for c in range(a, b + 1))
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)  # no arguments: one value, computed on first use
 def nfc_barriers():
     """A compiled regex matching one NFC barrier character (None if there are none)."""
     ranges = nfc_barrier_ranges()
