@@ -54,8 +54,18 @@ def run(args):
     model, tokenizer = load(args)
     if tokenizer.chat_template is None:
         raise GenerationError(f"the tokenizer of {args.model} has no chat template; use `qwen2np generate --no-chat`")
+    errors = getattr(sys.stdin, "errors", None)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 fails its turn, not the session
         sys.stdin.reconfigure(errors="surrogateescape")
+    try:
+        return _session(args, model, tokenizer, kwargs)
+    finally:
+        if hasattr(sys.stdin, "reconfigure") and errors is not None:
+            sys.stdin.reconfigure(errors=errors)
+
+
+def _session(args, model, tokenizer, kwargs):
+    """The turns, until the end of input or /exit."""
     interactive = sys.stdin.isatty()
     if interactive:
         print("/reset forgets the conversation, /exit or Ctrl-D ends it, Ctrl-C stops an answer.", file=sys.stderr)
