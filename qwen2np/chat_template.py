@@ -55,6 +55,9 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # chat template renders a conversation in milliseconds, into at most a few hundred thousand characters
 RENDER_TIMEOUT_S = 5.0
 RENDER_MAX_CHARS = 10_000_000
+# The longest template compiled: compiling is not under the render bound, and takes about 2 s per 100,000
+# characters of tags here; real chat templates are a few thousand characters (Qwen2.5's with tools: 2,500)
+MAX_TEMPLATE_CHARS = 200_000
 
 
 def apply_chat_template(
@@ -100,6 +103,9 @@ def apply_chat_template(
     template = get_chat_template(tokenizer, chat_template, tools)
     if not isinstance(template, str):
         raise ChatTemplateError(f"a chat template must be a string (Jinja2 source), found {type(template).__name__}")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateError(f"the chat template is {len(template):,} characters long; qwen2np compiles "
+                                f"templates of at most {MAX_TEMPLATE_CHARS:,} (MAX_TEMPLATE_CHARS)")
     if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
         raise ChatTemplateError("cannot apply a chat template to an empty conversation: give at least one message")
     is_batched = isinstance(conversation, (list, tuple)) and (

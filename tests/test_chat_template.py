@@ -415,3 +415,10 @@ def test_tools_that_cannot_become_schemas_are_template_errors():
 def test_a_template_must_be_text():
     with pytest.raises(ChatTemplateError, match="a chat template must be a string .* found int"):
         _render(5)
+
+
+def test_a_template_too_long_to_compile_quickly_is_refused():
+    from qwen2np.chat_template import MAX_TEMPLATE_CHARS
+
+    with pytest.raises(ChatTemplateError, match="characters long; qwen2np compiles templates of at most 200,000"):
+        _render("{{ 1 }}" * (MAX_TEMPLATE_CHARS // 7 + 1))
