@@ -2,6 +2,7 @@
 one-line errors of the io commands. `qwen2np fetch` is tested in test_fetch.py."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -111,3 +112,12 @@ def test_convert_onto_a_file_is_one_line(tiny, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "expected a folder to write into, found a file" in r.stderr and target.read_text() == "x"
+
+
+def test_convert_refuses_what_is_not_a_file(tmp_path):
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    for source, found in ((fifo, "not a regular file"), (tmp_path, "a folder"), (tmp_path / "none.gguf", "no such file")):
+        r = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(source), str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr == f"qwen2np convert: error: {source}: expected a GGUF file, found {found}\n"

@@ -36,6 +36,7 @@ def add_arguments(parser):
 def run(args):
     from pathlib import Path
 
+    from ..errors import CheckpointError
     from ..io.folders import check_target, write_folder
     from ..io.gguf_file import load_gguf
     from ..io.gguf_header import read_gguf_header
@@ -43,6 +44,10 @@ def run(args):
     from ..io.hf_folder import write_hf_files
     from ..progress import ProgressBar
 
+    gguf = Path(args.gguf)
+    if not gguf.is_file():  # a FIFO would block the read for ever
+        what = "no such file" if not gguf.exists() else "a folder" if gguf.is_dir() else "not a regular file"
+        raise CheckpointError(f"{gguf}: expected a GGUF file, found {what}")
     outdir = Path(args.outdir)
     check_target(outdir, args.overwrite)  # refuse a folder that holds files before the slow part
     header = read_gguf_header(args.gguf, string_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
