@@ -173,8 +173,12 @@ def test_max_bytes_setting():
     assert tok.bpe_cache.max_bytes == DEFAULT_MAX_BYTES
     tok.encode("Hello world, hello again")
     assert len(tok.bpe_cache) > 0
-    tok.bpe_cache.max_bytes = 10  # lower than what it holds: emptied
+    held = tok.bpe_cache.nbytes
+    tok.bpe_cache.max_bytes = held + 1  # still above what it holds, but a generation must fit in half
     assert (len(tok.bpe_cache), tok.bpe_cache.nbytes) == (0, 0)
+    for word in itertools.islice(four_letter_words(), 200):
+        tok.encode(word)
+        assert tok.bpe_cache.nbytes <= held + 1
     tok.bpe_cache.max_bytes = 0  # off
     assert tok.encode("Hello world") == [9707, 1879] and len(tok.bpe_cache) == 0
     with pytest.raises(TokenizerInputError, match="max_bytes: expected 0 or more bytes, found -1"):

@@ -81,7 +81,8 @@ class BPECache:
             raise TokenizerInputError(f"BPECache.max_bytes: expected 0 or more bytes, found {value}")
         with self._lock:
             self._max_bytes = value
-            if self._recent_bytes + self._older_bytes > value:
+            # each generation must fit in half the new bound (a swap makes `recent` the `older`)
+            if max(self._recent_bytes, self._older_bytes) > value // 2:
                 self._recent, self._older, self._recent_bytes, self._older_bytes = {}, {}, 0, 0
 
     @property
