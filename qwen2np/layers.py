@@ -14,11 +14,15 @@ import numpy as np
 
 from .backend import array_module
 from .tracing import tap
+from .weight_store import matmul_t
 
 
 def linear(x, weight, bias=None):
-    """y = x · Wᵀ + b, with W stored [out, in] as in the checkpoint.  [..., in] -> [..., out]"""
-    y = x.reshape(-1, x.shape[-1]) @ weight.T       # [N, in] @ [in, out] -> [N, out]; W.T is a free view
+    """y = x · Wᵀ + b, with W stored [out, in] as in the checkpoint.  [..., in] -> [..., out]
+
+    W is an array, or a weight that stays as its file stores it and is converted block by block as the
+    product goes (weight_store.py: the same bits either way)."""
+    y = matmul_t(x.reshape(-1, x.shape[-1]), weight)   # [N, in] @ [in, out] -> [N, out]
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], weight.shape[0])

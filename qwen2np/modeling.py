@@ -39,6 +39,7 @@ from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceC
 from .pretrained import Qwen2PreTrainedModel
 from .rope import RotaryEmbedding
 from .tracing import forward_pass, intermediate_names, tap
+from .weight_store import take_rows
 from .weights import base_parameter_shapes, random_parameters
 
 
@@ -92,6 +93,8 @@ class Qwen2Model(Qwen2PreTrainedModel):
                  inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                  return_dict=None, cache=None):
         config, xp = self.config, self.xp
+        for file in self._mapped_files:   # weights read from files that changed under the model: refuse
+            file.check()
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = _one_of(past_key_values, cache)
@@ -101,7 +104,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
 
         if inputs_embeds is None:
             ids = as_token_ids(input_ids, config.vocab_size)
-            x = self.params["embed_tokens.weight"][xp.asarray(ids)]         # [B, T] -> [B, T, D]
+            x = take_rows(self.params["embed_tokens.weight"], xp.asarray(ids))   # [B, T] -> [B, T, D]
         else:
             x = as_embeddings(inputs_embeds, config.hidden_size, self.dtype, xp)
         x = tap(self.scope, "embed_tokens", x)
@@ -201,6 +204,7 @@ class _WithBaseModel(Qwen2PreTrainedModel):
         self.model = Qwen2Model.__new__(Qwen2Model)
         self.model.config, self.model.dtype, self.model.xp = self.config, self.dtype, self.xp
         self.model.generation_config = None
+        self.model.weight_plan, self.model._mapped_files = self.weight_plan, self._mapped_files
         self.model._set_params(base, scope="model")
 
     def intermediate_names(self):
@@ -213,7 +217,7 @@ class _WithBaseModel(Qwen2PreTrainedModel):
                           output_attentions=output_attentions, output_hidden_states=output_hidden_states)
 
     @classmethod
-    def _complete_head(cls, config, params, expected, path):
+    def _complete_head(cls, config, params, expected, path, dtype):
         """A classifier loaded from a language-model checkpoint gets a fresh random head, as transformers
         does (and says so)."""
         missing = {n: expected[n] for n in cls.head_shapes if n in expected and n not in params}
@@ -222,7 +226,7 @@ class _WithBaseModel(Qwen2PreTrainedModel):
 
             warnings.warn(f"{', '.join(missing)} not in {path}: initialised at random for {cls.__name__}",
                           stacklevel=4)
-            params = {**params, **random_parameters(missing, config, next(iter(params.values())).dtype)}
+            params = {**params, **random_parameters(missing, config, dtype)}
         return params
 
 
@@ -249,8 +253,8 @@ class Qwen2ForCausalLM(_WithBaseModel, GenerationMixin):
         self.generation_config = (GenerationConfig.from_dict(generation_config) if generation_config
                                   else GenerationConfig.from_model_config(self.config))
 
-    def _setup(self, config, dtype, params):
-        super()._setup(config, dtype, params)
+    def _setup(self, config, dtype, params, plan=None, files=()):
+        super()._setup(config, dtype, params, plan, files)
         self._attach_generation_config(None)
 
     @forward_pass

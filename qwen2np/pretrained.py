@@ -57,36 +57,51 @@ class Qwen2PreTrainedModel:
         return cls(config, dtype=dtype, seed=seed)
 
     @classmethod
-    def _from_params(cls, config, params, dtype):
+    def _from_params(cls, config, params, dtype, plan=None, files=()):
         model = cls.__new__(cls)
-        model._setup(config, resolve_dtype(dtype), params)
+        model._setup(config, resolve_dtype(dtype), params, plan, files)
         return model
 
-    def _setup(self, config, dtype, params):
+    def _setup(self, config, dtype, params, plan=None, files=()):
         apply_memory_environment(default=False)   # malloc left alone unless QWEN2NP_KEEP_FREED_MEMORY=1 (memory.py)
         self.config = config
         self.dtype = dtype
         self.xp = np
         self.generation_config = None
+        self.weight_plan = plan          # how the weights are held (budget.WeightPlan), None when built in memory
+        self._mapped_files = tuple(files)  # files the weights are read from while the model runs
         self._set_params(params)
 
     # -- loading ------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", progress=None, **config_overrides):
+    def from_pretrained(cls, path, dtype="float32", progress=None, max_memory=None, **config_overrides):
         """Load a Hugging Face folder (model.safetensors or shards), a .safetensors file or a .gguf file.
 
-        `dtype` is the compute dtype: "float32" (float32 files are memory-mapped, not copied) or
-        "float64". `config_overrides` set config fields, e.g. `num_labels=3` for a classifier.
+        `dtype` is the compute dtype: "float32", "float64", or "bfloat16"/"float16" (computed as
+        transformers does in half precision). Weights stay in the file, memory-mapped, in the format it
+        stores them in; within `max_memory` (bytes, or "6GB"; by default the memory available) those that
+        fit are converted ahead of time and kept, the rest are converted at each use (docs/weights.md).
+        `model.weight_plan.description` says what was chosen. `config_overrides` set config fields, e.g.
+        `num_labels=3` for a classifier.
         """
+        from .budget import available_memory, parse_memory, plan_weights
         from .hub import resolve_model_path
-        from .io import load_checkpoint
+        from .io import open_checkpoint
+        from .io.stored import StoredTensor
+        from .weight_store import hold_weights, reads_file
 
         dtype = resolve_dtype(dtype)
-        checkpoint = load_checkpoint(resolve_model_path(path), dtype=dtype.name, progress=progress)
+        budget = available_memory() if max_memory is None else parse_memory(max_memory)
+        checkpoint = open_checkpoint(resolve_model_path(path))
         config = Qwen2Config.from_dict({**checkpoint.config, **config_overrides})
-        params = cls._params_from_checkpoint(config, checkpoint.tensors, checkpoint.origin, checkpoint.path)
-        model = cls._from_params(config, params, dtype)
+        tensors = cls._params_from_checkpoint(config, checkpoint.tensors, checkpoint.origin, checkpoint.path,
+                                              dtype)
+        stored = {n: t for n, t in tensors.items() if isinstance(t, StoredTensor)}
+        plan = plan_weights(stored, dtype, config, budget, what=f"{cls.__name__} from {checkpoint.path}")
+        params = hold_weights(tensors, plan, progress)
+        files = {id(t.file): t.file for n, t in stored.items() if reads_file(params[n])}   # not converted copies
+        model = cls._from_params(config, params, dtype, plan, files.values())
         model._attach_generation_config(checkpoint.generation_config)
         return model
 
@@ -94,7 +109,7 @@ class Qwen2PreTrainedModel:
         pass  # the causal LM keeps one
 
     @classmethod
-    def _params_from_checkpoint(cls, config, tensors, origin, path):
+    def _params_from_checkpoint(cls, config, tensors, origin, path, dtype=np.float32):
         """Match a checkpoint's tensors to this class: add or strip the `model.` prefix, drop the heads of
         other classes, tie the embeddings, and check every name and shape."""
         prefix = cls.base_model_prefix + "." if cls.base_model_prefix else ""
@@ -114,17 +129,17 @@ class Qwen2PreTrainedModel:
             if name in expected:
                 params[name] = tensors[name]
             elif tied and cls.__name__ == "Qwen2ForCausalLM":  # the embedding serves as lm_head
-                if not np.array_equal(tensors[name], params.get(f"{prefix}embed_tokens.weight")):
+                if not _same_values(tensors[name], params.get(f"{prefix}embed_tokens.weight")):
                     warnings.warn(f"lm_head.weight in {origin.get(name, path)} differs from the embedding; "
                                   "tie_word_embeddings is true, so the embedding is used", stacklevel=3)
             else:
                 warnings.warn(f"{name} in {origin.get(name, path)} is not used by {cls.__name__}", stacklevel=3)
-        params = cls._complete_head(config, params, expected, path)
+        params = cls._complete_head(config, params, expected, path, dtype)
         check_shapes(params, expected, origin, path)
         return params
 
     @classmethod
-    def _complete_head(cls, config, params, expected, path):
+    def _complete_head(cls, config, params, expected, path, dtype):
         return params
 
     # -- the weights --------------------------------------------------------------------------------
@@ -202,6 +217,33 @@ class Qwen2PreTrainedModel:
         return (f"{type(self).__name__}({c.num_hidden_layers} layers, D={c.hidden_size}, H={c.num_attention_heads}, "
                 f"KV={c.num_key_value_heads}, HD={c.head_dim}, F={c.intermediate_size}, V={c.vocab_size}, "
                 f"{self.dtype.name})")
+
+
+def _same_values(a, b):
+    """Whether two checkpoint tensors (StoredTensors or arrays) hold the same values, compared a block of
+    rows at a time so that two big stored matrices are never converted whole."""
+    from .io.stored import StoredTensor
+    from .weight_store import convert_rows
+
+    if b is None or tuple(a.shape) != tuple(b.shape):
+        return False
+    if not isinstance(a, StoredTensor) or not isinstance(b, StoredTensor):
+        return bool(np.array_equal(np.asarray(_whole(a)), np.asarray(_whole(b))))
+    step = max(1, (16 << 20) // max(a.num_columns * 8, 1))
+    for r0 in range(0, a.num_rows, step):
+        r1 = min(a.num_rows, r0 + step)
+        if not np.array_equal(convert_rows(a, r0, r1, np.float64), convert_rows(b, r0, r1, np.float64)):
+            return False
+    a.release()
+    b.release()
+    return True
+
+
+def _whole(t):
+    from .io.stored import StoredTensor
+    from .weight_store import convert_whole
+
+    return convert_whole(t, np.float64) if isinstance(t, StoredTensor) else t
 
 
 def _describe(config):

@@ -160,10 +160,10 @@ def test_tensors_are_dequantized_with_the_gguf_package(gguf, tiny):
 
 
 def test_small_chunks_give_the_same_bits(gguf, tiny, monkeypatch):
-    import qwen2np.io.gguf_file as gf
+    import qwen2np.weight_store as ws
 
     whole = load_gguf(tiny).tensors
-    monkeypatch.setattr(gf, "CHUNK_BYTES", 1)  # one row per step
+    monkeypatch.setattr(ws, "CHUNK_BYTES", 1)  # one row per step
     for name, w in load_gguf(tiny).tensors.items():
         assert np.array_equal(w.view(np.uint32), whole[name].view(np.uint32)), name
 

@@ -1,7 +1,9 @@
 """Checkpoint files: Hugging Face folders, single safetensors files and GGUF files.
 
-* `load_checkpoint(path, dtype="float32", progress=None) -> Checkpoint` reads any of them
-  (checkpoint.py); the model classes' `from_pretrained` calls it and then checks names and shapes.
+* `open_checkpoint(path) -> Checkpoint` opens any of them, its tensors memory-mapped and left as stored
+  (checkpoint.py, stored.py); the model classes' `from_pretrained` calls it, checks names and shapes,
+  and holds each weight as qwen2np/budget.py plans. `load_checkpoint(path, dtype)` converts every
+  tensor to an array at once.
 * `save_hf_folder(folder, config, tensors, ...)` writes a folder transformers can load (hf_folder.py).
 * `load_gguf_tokenizer(path)` builds the tokenizer a GGUF file carries (gguf_file.py).
 * safetensors_file.py parses and writes the safetensors format itself (no pickle, no torch);
@@ -16,10 +18,10 @@ docs/checkpoints.md describes the formats, the name mapping, dtypes, memory and 
 Checkpoint('...', 1 tensors, 4 parameters)
 """
 
-from .checkpoint import LOAD_DTYPES, Checkpoint, load_checkpoint
+from .checkpoint import LOAD_DTYPES, Checkpoint, load_checkpoint, open_checkpoint
 from .hf_folder import save_hf_folder
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_hf_folder", "load_gguf_tokenizer", "LOAD_DTYPES"]
+__all__ = ["Checkpoint", "open_checkpoint", "load_checkpoint", "save_hf_folder", "load_gguf_tokenizer", "LOAD_DTYPES"]
 
 
 def load_gguf_tokenizer(path):

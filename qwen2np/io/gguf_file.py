@@ -8,11 +8,10 @@ Three steps, each as transformers 5.24 does them (`modeling_gguf_pytorch_utils.l
    `gguf.quants.dequantize`, the same function transformers calls, so the weights are bitwise equal;
 3. the tokenizer from the metadata (`load_gguf_tokenizer`, gguf_tokenizer.py).
 
-Memory: each tensor is dequantized a group of rows at a time into its preallocated float32 (or
-float64) array, reading the quantized bytes with plain file reads, never a memory map of the file. So
-the process holds the result plus a few MB, and the 491 MB of quantized bytes stay in the page cache,
-outside its RSS. Peak RSS above the baseline measured for the 0.5B test checkpoint: see
-docs/checkpoints.md.
+Memory: `open_gguf` reads the header only and maps the file; each tensor stays as its quantized blocks
+until qwen2np/weight_store.py converts it, a group of rows at a time, letting the file's pages go after
+converting them (so a model converted ahead of time holds its float32 weights, not also the quantized
+bytes), or at each use (docs/weights.md).
 
 The tensor part needs the optional `gguf` package (`pip install 'qwen2np[gguf]'`).
 """
@@ -28,9 +27,8 @@ from .checkpoint import Checkpoint
 from .gguf_header import read_gguf_header
 from .gguf_names import hf_name
 
-__all__ = ["load_gguf", "gguf_config", "load_gguf_tokenizer", "import_gguf"]
+__all__ = ["open_gguf", "load_gguf", "gguf_config", "load_gguf_tokenizer", "import_gguf", "dequantize_rows"]
 
-CHUNK_BYTES = 4 * 2**20  # quantized bytes per step: bigger steps mean fewer page faults, smaller a lower peak
 
 _REQUIRED = object()
 _BLOCK_INDEX = re.compile(r"blk\.(\d+)\.")
@@ -119,48 +117,53 @@ def gguf_config(header, vocab_rows=None):
     return dict(sorted(config.items()))
 
 
-def load_gguf(path, dtype="float32", progress=None):
-    """The `Checkpoint` of a qwen2 GGUF file: HF names, NumPy shapes, dequantized `dtype` arrays.
+def open_gguf(path):
+    """The `Checkpoint` of a qwen2 GGUF file: HF names, NumPy shapes, each tensor a StoredTensor of its own
+    ggml type ("Q4_K", "Q8_0", "F32", …), its blocks left as they are in the memory-mapped file.
 
     Unknown tensor names are an error (transformers would silently drop them and initialise the
     missing weights at random).
     """
+    from .stored import MappedFile, StoredTensor
+
     gguf = import_gguf()
     header = read_gguf_header(path)
     if not header.tensors:
         raise CheckpointError(f"{header.path}: holds no tensors (a vocabulary-only GGUF?)")
-    out_dtype = np.dtype(dtype)
-    plan = []  # (info, HF name, bytes in the file)
+    plan = []  # (info, HF name, ggml type name, bytes in the file)
     for info in header.tensors:
         name = hf_name(info.name)
         if name is None:
             raise CheckpointError(f"{header.path}: tensor {info.name!r} is not part of a qwen2 model "
                                   "(expected token_embd, blk.N.attn_*/ffn_*, output_norm, output)")
-        plan.append((info, name, _stored_bytes(gguf, header, info)))
-    embed = next((info for info, name, _ in plan if name == "model.embed_tokens.weight"), None)
+        plan.append((info, name, *_stored_bytes(gguf, header, info)))
+    embed = next((info for info, name, *_ in plan if name == "model.embed_tokens.weight"), None)
     config = gguf_config(header, vocab_rows=embed.shape[0] if embed is not None else None)
     if embed is not None and embed.shape[0] != config["vocab_size"]:
         raise CheckpointError(f"{header.path}: token_embd.weight has {embed.shape[0]} rows but the vocabulary "
                               f"has {config['vocab_size']} tokens")
-
-    total = sum(nbytes for *_, nbytes in plan)
-    done = 0
+    file = MappedFile(header.path)
+    base = Path(header.path).name
     tensors, origin = {}, {}
-    file = Path(header.path).name
-    with open(header.path, "rb") as f:
-        for info, name, nbytes in plan:
-            tensors[name] = _dequantize_into(gguf, f, header.path, info, nbytes, np.empty(info.shape, out_dtype))
-            origin[name] = f"{file} ({info.name})"
-            done += nbytes
-            if progress is not None:
-                progress(done, total, name)
+    for info, name, kind, nbytes in plan:
+        origin[name] = f"{base} ({info.name})"
+        tensors[name] = StoredTensor(name, tuple(info.shape), kind, file, info.start, nbytes, origin[name])
     generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                          if config[k] is not None}
     return Checkpoint(config, tensors, origin, generation_config or None, Path(header.path))
 
 
+def load_gguf(path, dtype="float32", progress=None):
+    """`open_gguf`, with every tensor dequantized to a `dtype` array ahead of time (a group of rows at a
+    time, the file's pages let go as it goes)."""
+    from .checkpoint import materialize
+
+    return materialize(open_gguf(path), np.dtype(dtype), progress)
+
+
 def _stored_bytes(gguf, header, info):
-    """Bytes the tensor takes in the file; checks that its type is known and that it fits in the file."""
+    """(ggml type name, bytes the tensor takes in the file); checks that its type is known and that it fits
+    in the file."""
     sizes = gguf.GGML_QUANT_SIZES
     try:
         kind = gguf.GGMLQuantizationType(info.ggml_type)
@@ -179,26 +182,7 @@ def _stored_bytes(gguf, header, info):
     if info.start + nbytes > header.file_size:
         raise CheckpointError(f"{header.path}: tensor {info.name!r} ends at byte {info.start + nbytes}, past the "
                               f"end of the file ({header.file_size} bytes): the file is truncated")
-    return nbytes
-
-
-def _dequantize_into(gguf, f, path, info, nbytes, out):
-    """Fill `out` with the dequantized tensor, CHUNK_BYTES of quantized rows at a time."""
-    if out.size == 0:
-        return out
-    rows = out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1)  # [R, C]
-    row_bytes = nbytes // rows.shape[0] if rows.shape[0] else 0
-    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    buffer = np.empty(min(step, rows.shape[0]) * row_bytes, dtype=np.uint8)
-    kind = gguf.GGMLQuantizationType(info.ggml_type)
-    f.seek(info.start)
-    for r in range(0, rows.shape[0], step):
-        n = min(step, rows.shape[0] - r)
-        raw = buffer[:n * row_bytes]
-        if f.readinto(raw) != raw.nbytes:
-            raise CheckpointError(f"{path}: the file ended while reading tensor {info.name!r}: it is truncated")
-        rows[r:r + n] = dequantize_rows(gguf, raw.reshape(n, row_bytes), kind)  # [n, C] float32 -> out dtype
-    return out
+    return kind.name, nbytes
 
 
 def dequantize_rows(gguf, raw, kind):

@@ -30,11 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, OutputExistsError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, materialize
 from .folders import check_target, write_folder
-from .safetensors_file import load_safetensors, read_safetensors_header, write_safetensors
+from .safetensors_file import read_safetensors_header, write_safetensors
+from .stored import open_safetensors
 
-__all__ = ["load_hf_folder", "load_safetensors_file", "save_hf_folder", "read_json"]
+__all__ = ["open_hf_folder", "load_hf_folder", "open_safetensors_file", "load_safetensors_file", "save_hf_folder",
+           "read_json"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -59,8 +61,9 @@ def read_json(path, required=True):
     return value
 
 
-def load_hf_folder(folder, dtype="float32", progress=None):
-    """The `Checkpoint` in a Hugging Face folder (see the module docstring for the layout)."""
+def open_hf_folder(folder):
+    """The `Checkpoint` in a Hugging Face folder (see the module docstring for the layout), its tensors as
+    StoredTensors: every header read and checked before any tensor is used, no tensor data read."""
     folder = Path(folder)
     config = read_json(folder / "config.json", required=False)
     if config is None:
@@ -73,18 +76,27 @@ def load_hf_folder(folder, dtype="float32", progress=None):
         if origin.get(name) != os.path.normpath(file):
             raise CheckpointError(f"{folder / INDEX}: the weight_map puts tensor {name!r} in {file}, "
                                   f"but {file} has no tensor of that name")
-    tensors = _load_headers(headers, dtype, progress)
+    tensors = _open_headers(headers, folder)
     return Checkpoint(config, tensors, origin, generation_config, folder)
 
 
-def load_safetensors_file(path, dtype="float32", progress=None):
+def load_hf_folder(folder, dtype="float32", progress=None):
+    """`open_hf_folder`, with every tensor converted to a `dtype` array (float32 files memory-mapped)."""
+    return materialize(open_hf_folder(folder), dtype, progress)
+
+
+def open_safetensors_file(path):
     """The `Checkpoint` of one `.safetensors` file; its config is the `config.json` beside it, if any ({} if not)."""
     path = Path(path)
     config = read_json(path.parent / "config.json", required=False) or {}
     generation_config = read_json(path.parent / "generation_config.json", required=False)
     headers = [read_safetensors_header(path)]
     origin = _origin(headers, path.parent)
-    return Checkpoint(config, _load_headers(headers, dtype, progress), origin, generation_config, path)
+    return Checkpoint(config, _open_headers(headers, path.parent), origin, generation_config, path)
+
+
+def load_safetensors_file(path, dtype="float32", progress=None):
+    return materialize(open_safetensors_file(path), dtype, progress)
 
 
 def _origin(headers, folder):
@@ -99,14 +111,11 @@ def _origin(headers, folder):
     return origin
 
 
-def _load_headers(headers, dtype, progress):
-    """The tensors of every file, with one progress count running from 0 to the total over all files."""
-    total = sum(e.nbytes for h in headers for e in h.entries)
-    tensors, done = {}, 0
+def _open_headers(headers, folder):
+    """{name: StoredTensor} over every file (each memory-mapped once)."""
+    tensors = {}
     for header in headers:
-        report = None if progress is None else (lambda d, t, name, before=done: progress(before + d, total, name))
-        tensors.update(load_safetensors(header.path, dtype, report, header=header))
-        done += sum(e.nbytes for e in header.entries)
+        tensors.update(open_safetensors(header.path, header=header, origin=os.path.relpath(header.path, folder)))
     return tensors
 
 

@@ -1,0 +1,216 @@
+"""How a stored weight becomes a compute array: the one path, for every file format and every backend.
+
+A checkpoint's tensors arrive as `StoredTensor`s (qwen2np/io/stored.py): bytes in a memory-mapped file,
+in their own format (F32, F16, BF16, F64, or GGUF blocks such as Q4_K). The model holds each weight in
+one of two ways, as qwen2np/budget.py plans it within the memory budget:
+
+* **kept**: an array in the compute dtype, made once when loading. When the file already stores the
+  compute dtype (a float32 file for a float32 model), that array is the memory map itself: no copy.
+* **converted per use**: a `StoredWeight`, which stays as stored and is converted each time the forward
+  pass uses it, a block of rows at a time, just before the block's product (`matmul_t`), so that a decode
+  step reads the stored bytes about once and no whole float32 matrix is ever written out. A *streamed*
+  one also lets its pages go after each use, so that only the block being converted is in memory.
+
+Either way the numbers are the same: widening bf16/f16/f32 to float32/float64 is exact, and GGUF blocks
+are dequantized by the `gguf` package's own code, as transformers does. And the products are the same:
+`matmul_t` computes a kept weight's product in the very blocks it uses for a converted one, so the
+two give bitwise the same result (tests/test_weight_store.py).
+
+>>> import numpy as np
+>>> w = np.arange(6, dtype=np.float32).reshape(3, 2)               # [out, in]
+>>> matmul_t(np.ones((1, 2), np.float32), w)                      # x · Wᵀ: [1, 2] -> [1, 3]
+array([[1., 5., 9.]], dtype=float32)
+"""
+
+import ml_dtypes
+import numpy as np
+
+from .backend import array_module
+
+__all__ = ["PLAIN_KINDS", "convert_rows", "convert_whole", "StoredWeight", "matmul_t", "take_rows", "as_array",
+           "block_rows", "hold_weights", "reads_file"]
+
+# stored formats that are plain little-endian values
+PLAIN_KINDS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+               "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+CHUNK_BYTES = 16 * 2**20   # stored bytes converted per step when a whole tensor is converted ahead of time
+
+# Converted bytes per block of weight rows. A decode step (a few rows of x) converts blocks that stay in
+# the core's cache (DECODE_BLOCK_BYTES) right before their product; a prefill, whose products are long,
+# converts bigger blocks (PREFILL_BLOCK_BYTES) so that each product is big enough to run at full speed.
+DECODE_BLOCK_BYTES = 1 << 19
+PREFILL_BLOCK_BYTES = 1 << 25
+PREFILL_ROWS = 16            # N (rows of x) from which a product counts as a prefill
+
+
+def convert_rows(stored, r0, r1, dtype, out=None):
+    """Rows [r0, r1) of a StoredTensor in `dtype`: [r1 - r0, C] (into `out` when given).
+
+    The only place where stored bytes become numbers. Plain formats are cast by NumPy (exact when
+    widening; rounding to nearest even when narrowing, e.g. float32 to bfloat16); GGUF blocks go through
+    the `gguf` package's dequantization, as in transformers.
+
+    >>> import os, tempfile
+    >>> from qwen2np.io.safetensors_file import write_safetensors
+    >>> from qwen2np.io.stored import open_safetensors
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+    >>> write_safetensors(path, {"w": np.arange(6, dtype=np.float32).reshape(3, 2)}, dtype="bfloat16")
+    >>> convert_rows(open_safetensors(path)["w"], 1, 3, np.float64)
+    array([[2., 3.],
+           [4., 5.]])
+    """
+    n, C = r1 - r0, stored.num_columns
+    dtype = np.dtype(dtype)
+    if out is None:
+        out = np.empty((n, C), dtype)
+    raw = stored.raw_rows(r0, r1)
+    if stored.kind in PLAIN_KINDS:
+        out[...] = raw.view(PLAIN_KINDS[stored.kind]).reshape(n, C)
+    else:
+        from .io.gguf_file import dequantize_rows, import_gguf
+
+        gguf = import_gguf()
+        kind = gguf.GGMLQuantizationType[stored.kind]
+        out[...] = dequantize_rows(gguf, raw.reshape(n, stored.row_nbytes), kind)   # [n, C] float32 -> dtype
+    return out
+
+
+def convert_whole(stored, dtype):
+    """The whole tensor in `dtype`, converted ahead of time (a weight the model keeps).
+
+    Already stored in `dtype`: a read-only view of the memory map (no copy, no read). Otherwise converted
+    CHUNK_BYTES of stored rows at a time into one new array, letting each chunk's pages go once
+    converted, so that converting a whole model never holds its stored bytes and its result at once.
+    """
+    dtype = np.dtype(dtype)
+    if stored.kind in PLAIN_KINDS and PLAIN_KINDS[stored.kind] == dtype:
+        return stored.raw_rows(0, stored.num_rows).view(dtype).reshape(stored.shape)
+    out = np.empty(stored.shape, dtype=dtype)
+    rows = out.reshape(stored.num_rows, stored.num_columns)
+    step = max(1, CHUNK_BYTES // max(stored.row_nbytes, 1))
+    for r0 in range(0, stored.num_rows, step):
+        r1 = min(stored.num_rows, r0 + step)
+        convert_rows(stored, r0, r1, dtype, out=rows[r0:r1])
+        stored.file.release(stored.start + r0 * stored.row_nbytes, (r1 - r0) * stored.row_nbytes)
+    return out
+
+
+class StoredWeight:
+    """A weight converted per use: it stays as stored and becomes `dtype` a block of rows at a time.
+
+    It has the shape and dtype of the array it stands for; `np.asarray(w)` converts it whole (for a
+    reader's inspection, not for the forward pass). With `stream=True` its pages leave the process's
+    memory after each use.
+    """
+
+    def __init__(self, stored, dtype, stream=False):
+        self.stored = stored
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(stored.shape)
+        self.ndim = len(self.shape)
+        self.stream = stream
+
+    @property
+    def size(self):
+        return self.stored.size
+
+    @property
+    def nbytes(self):
+        """Bytes of the array it stands for (in the compute dtype); the file holds `stored.nbytes`."""
+        return self.size * self.dtype.itemsize
+
+    def rows(self, r0, r1, out=None):
+        """Rows [r0, r1) in the compute dtype: [r1 - r0, C]."""
+        return convert_rows(self.stored, r0, r1, self.dtype, out)
+
+    def done(self):
+        """Called after each use: a streamed weight lets its pages go."""
+        if self.stream:
+            self.stored.release()
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.rows(0, self.stored.num_rows).reshape(self.shape)
+        self.done()
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __repr__(self):
+        how = "streamed" if self.stream else "memory-mapped"
+        return (f"StoredWeight({self.stored.name}: {self.stored.kind} {how}, converted to {self.dtype.name} per use, "
+                f"shape {self.shape})")
+
+
+def block_rows(n, in_features, itemsize):
+    """Weight rows per block of a product with n rows of x (the same for a kept and a stored weight)."""
+    budget = PREFILL_BLOCK_BYTES if n >= PREFILL_ROWS else DECODE_BLOCK_BYTES
+    return max(1, budget // (in_features * itemsize))
+
+
+def matmul_t(x, weight):
+    """x · Wᵀ: x [N, in], W [out, in] (an array, or a StoredWeight) -> [N, out].
+
+    subtle: a kept weight's product is computed in the same blocks of W's rows as a converted one's, each
+    block by the same call, so that converting per use changes no bit of the result (tests hold the two
+    equal). A weight small enough for one block is one product, as it always was.
+    """
+    xp = array_module(x)
+    N, I = x.shape
+    O = weight.shape[0]
+    rows = block_rows(N, I, np.dtype(weight.dtype).itemsize)
+    stored = isinstance(weight, StoredWeight)
+    out = xp.empty((N, O), dtype=x.dtype)
+    buffer = np.empty((min(rows, O), I), dtype=weight.dtype) if stored else None
+    for r0 in range(0, O, rows):
+        r1 = min(O, r0 + rows)
+        block = xp.asarray(weight.rows(r0, r1, out=buffer[:r1 - r0])) if stored else weight[r0:r1]
+        xp.matmul(x, block.T, out=out[:, r0:r1])                    # [N, in] @ [in, rows] -> [N, rows]
+    if stored:
+        weight.done()
+    return out
+
+
+def take_rows(weight, ids):
+    """W[ids] for an embedding table W [V, D] (array or StoredWeight): [*ids.shape, D]; a stored table
+    converts only the rows asked for."""
+    if not isinstance(weight, StoredWeight):
+        return weight[ids]
+    flat = np.asarray(ids).reshape(-1)
+    out = np.empty((flat.size, weight.shape[1]), dtype=weight.dtype)
+    for i, row in enumerate(flat.tolist()):
+        weight.rows(row, row + 1, out=out[i:i + 1])
+    weight.done()
+    return out.reshape(*np.shape(ids), weight.shape[1])
+
+
+def hold_weights(tensors, plan, progress=None):
+    """{name: array or StoredWeight}: each StoredTensor of `tensors` held as the budget.WeightPlan says (a
+    kept one converted now, `progress(done, total, name)` reporting); anything else (a head drawn at
+    random) as it is."""
+    from .io.stored import StoredTensor
+
+    kept = [n for n, t in tensors.items() if isinstance(t, StoredTensor) and plan.how(n) == "kept"]
+    total, done = sum(tensors[n].nbytes for n in kept), 0
+    params = {}
+    for name, t in tensors.items():
+        if not isinstance(t, StoredTensor):
+            params[name] = t
+        elif plan.how(name) == "kept":
+            params[name] = convert_whole(t, plan.dtype)
+            done += t.nbytes
+            if progress is not None:
+                progress(done, total, name)
+        else:
+            params[name] = StoredWeight(t, plan.dtype, stream=plan.how(name) == "streamed")
+    return params
+
+
+def reads_file(weight):
+    """Whether the weight is read from its file while the model runs (a StoredWeight, or a kept memory map)."""
+    from .io.safetensors_file import is_memory_mapped
+
+    return isinstance(weight, StoredWeight) or is_memory_mapped(weight)
+
+
+def as_array(weight):
+    """The whole weight as an array in the compute dtype (a kept weight as it is)."""
+    return np.asarray(weight) if isinstance(weight, StoredWeight) else weight
