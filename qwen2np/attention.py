@@ -6,8 +6,10 @@ KV key/value heads, G = H // KV query heads per KV head, HD head dim.
 
 import math
 
+import numpy as np
+
 from .backend import array_module
-from .layers import linear, softmax
+from .layers import accumulation_dtype, linear, softmax
 from .rope import apply_rope
 from .tracing import active as tracing_active
 from .tracing import listens, tap
@@ -63,16 +65,32 @@ def _attend(q, k, v, bias, scaling, scope=None):
     if math.frexp(scaling)[0] == 0.5:
         # a power of two (HD = 16, 64, 256) scales exactly, so scaling q (T·HD numbers) instead of the
         # scores (T·S numbers) gives bitwise the same scores as transformers' (q kᵀ) · scaling
-        scores = (qg * qg.dtype.type(scaling)) @ k.swapaxes(-1, -2)   # -> [B, KV, G*T, S]
+        scores = _product(qg * qg.dtype.type(scaling), k.swapaxes(-1, -2))   # -> [B, KV, G*T, S]
     else:
-        scores = qg @ k.swapaxes(-1, -2)                          # -> [B, KV, G*T, S]
-        scores *= scaling                                         # after the product, as transformers
+        scores = _product(qg, k.swapaxes(-1, -2))                 # -> [B, KV, G*T, S]
+        if scores.dtype.itemsize < 4:   # subtle: torch rounds the product, then scales in float32 and rounds
+            scores = (scores.astype(np.float32) * np.float32(scaling)).astype(q.dtype)
+        else:
+            scores *= scaling                                     # after the product, as transformers
     scores = tap(scope, "scores", scores.reshape(B, H, T, S))     # -> [B, H, T, S]
     bias = tap(scope, "mask", bias)                               # [B, 1, T, S]: 0 or finfo.min
     scores += bias                                                # in place: this buffer becomes probs
-    probs = tap(scope, "probs", softmax(scores, out=scores))      # [B, H, T, S]
-    context = probs.reshape(B, KV, G * T, S) @ v                  # -> [B, KV, G*T, HD]
+    if scores.dtype.itemsize < 4:   # softmax in float32, rounded once (transformers' softmax(dtype=float32))
+        probs = softmax(scores.astype(np.float32)).astype(q.dtype)
+    else:
+        probs = softmax(scores, out=scores)
+    probs = tap(scope, "probs", probs)                            # [B, H, T, S]
+    context = _product(probs.reshape(B, KV, G * T, S), v)         # -> [B, KV, G*T, HD]
     return context.reshape(B, H, T, HD), probs
+
+
+def _product(a, b):
+    """a @ b; half-precision operands are widened exactly to float32, multiplied, and the result rounded
+    once, as torch's CPU matmul does for bfloat16 and float16."""
+    acc = accumulation_dtype(a.dtype)
+    if acc == a.dtype:
+        return a @ b
+    return (a.astype(acc) @ b.astype(acc)).astype(a.dtype)
 
 
 def self_attention(x, p, cos, sin, mask, cache_layer, num_heads, num_kv_heads, head_dim, scope=None,

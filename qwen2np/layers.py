@@ -17,15 +17,26 @@ from .tracing import tap
 from .weight_store import matmul_t
 
 
+def accumulation_dtype(dtype):
+    """The dtype products and reductions run in: float32 for half-precision activations (bfloat16,
+    float16), as torch's CPU kernels accumulate them; the activations' own dtype otherwise."""
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize < 4 else np.dtype(dtype)
+
+
 def linear(x, weight, bias=None):
     """y = x · Wᵀ + b, with W stored [out, in] as in the checkpoint.  [..., in] -> [..., out]
 
     W is an array, or a weight that stays as its file stores it and is converted block by block as the
-    product goes (weight_store.py: the same bits either way)."""
-    y = matmul_t(x.reshape(-1, x.shape[-1]), weight)   # [N, in] @ [in, out] -> [N, out]
+    product goes (weight_store.py: the same bits either way).
+
+    subtle: in half precision, torch accumulates the product in float32, adds the bias in float32 and
+    rounds once (docs/numerics.md); so here, with x and W widened exactly to float32.
+    """
+    acc = accumulation_dtype(x.dtype)
+    y = matmul_t(x.reshape(-1, x.shape[-1]).astype(acc, copy=False), weight)   # [N, in] @ [in, out] -> [N, out]
     if bias is not None:
-        y += bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        y += bias.astype(acc, copy=False)
+    return y.reshape(*x.shape[:-1], weight.shape[0]).astype(x.dtype, copy=False)
 
 
 def rms_norm(x, weight, eps):
@@ -43,7 +54,11 @@ def rms_norm(x, weight, eps):
 
 
 def silu(x):
-    """x · sigmoid(x), also called swish. Qwen2's hidden_act."""
+    """x · sigmoid(x), also called swish. Qwen2's hidden_act.
+
+    subtle: half-precision input is computed in float32 and rounded once, as torch's CPU kernel does."""
+    if x.dtype.itemsize < 4:
+        return silu(x.astype(np.float32)).astype(x.dtype)
     xp = array_module(x)
     e = xp.negative(x)
     with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 in float32: silu(x) is then -0, as it should be
@@ -58,6 +73,8 @@ def relu(x):
 
 def gelu_tanh(x):
     """The tanh approximation of GELU (transformers' gelu_pytorch_tanh and gelu_new)."""
+    if x.dtype.itemsize < 4:
+        return gelu_tanh(x.astype(np.float32)).astype(x.dtype)
     xp = array_module(x)
     c = np.sqrt(2 / np.pi).astype(x.dtype)
     return 0.5 * x * (1 + xp.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))

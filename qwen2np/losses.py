@@ -48,6 +48,11 @@ def check_labels(labels, num_classes, what):
     return labels
 
 
+def _upcast(logits):
+    """Half-precision logits as float32 (the dtype transformers computes these losses in)."""
+    return logits.astype(np.float32) if logits.dtype.itemsize < 4 else logits
+
+
 def causal_lm_loss(logits, labels):
     """Next-token loss: position t predicts labels[t + 1].  logits [B, T, V], labels [B, T] -> scalar
 
@@ -56,6 +61,7 @@ def causal_lm_loss(logits, labels):
     """
     xp = array_module(logits)
     labels = xp.asarray(labels)
+    logits = _upcast(logits)   # transformers' ForCausalLMLoss: logits.float()
     B, T = labels.shape
     shifted = xp.concatenate([labels[:, 1:], xp.full((B, 1), IGNORE_INDEX, dtype=labels.dtype)], axis=1)
     return cross_entropy(logits.reshape(B * T, -1), shifted.reshape(-1))
@@ -98,6 +104,11 @@ def sequence_classification_loss(pooled_logits, labels, config, problem_type=Non
     subtle: like transformers, the problem type is inferred once from num_labels and the labels' dtype,
     and stored on the config, so later calls keep it.
     """
+    if pooled_logits.dtype.itemsize < 4:
+        # subtle: transformers computes this loss in the logits' own half precision; here it is computed
+        # in float32 and rounded once, which agrees within that precision's rounding (docs/numerics.md)
+        loss = sequence_classification_loss(_upcast(pooled_logits), labels, config, problem_type)
+        return loss.astype(pooled_logits.dtype)
     xp = array_module(pooled_logits)
     given, labels = labels, xp.asarray(labels)
     num_labels = config.num_labels
@@ -120,4 +131,4 @@ def sequence_classification_loss(pooled_logits, labels, config, problem_type=Non
 def token_classification_loss(logits, labels, num_labels):
     """Per-token cross-entropy, ignoring -100.  logits [B, T, C], labels [B, T] -> scalar"""
     check_labels(labels, num_labels, "labels")
-    return cross_entropy(logits.reshape(-1, num_labels), labels)
+    return cross_entropy(_upcast(logits).reshape(-1, num_labels), labels)   # transformers: logits.float()

@@ -21,6 +21,7 @@ array([[1, 0, 0],
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 
@@ -63,7 +64,8 @@ def attention_bias(visible, dtype, xp=np):
     position) then gets equal scores everywhere, so a uniform softmax instead of NaN.
     """
     visible = xp.asarray(visible)
-    return xp.where(visible, dtype.type(0), np.finfo(dtype).min).astype(dtype, copy=False)
+    lowest = dtype.type(ml_dtypes.finfo(dtype).min)            # ml_dtypes.finfo also knows bfloat16
+    return xp.where(visible, dtype.type(0), lowest).astype(dtype, copy=False)
 
 
 def build_attention_bias(batch, q_start, q_len, kv_start, kv_len, attention_mask, position_ids,

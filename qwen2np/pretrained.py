@@ -6,24 +6,33 @@ weights as transformers does; `Model.from_pretrained(path)` reads a Hugging Face
 
 import warnings
 
+import ml_dtypes
 import numpy as np
 
 from .backend import backend as array_backend
 from .config import Qwen2Config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .memory import apply_environment as apply_memory_environment
 from .weights import check_memory, check_shapes, random_parameters
 
-DTYPES = {"float32": np.float32, "float64": np.float64}
+DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def resolve_dtype(dtype):
-    """'float32' | 'float64' (or the NumPy types) -> np.dtype; anything else is refused with the reason."""
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    """'float32' | 'float64' | 'bfloat16' | 'float16' (or the NumPy types) -> np.dtype; anything else is
+    refused with the reason.
+
+    >>> resolve_dtype("bfloat16").name, resolve_dtype(np.float64).name
+    ('bfloat16', 'float64')
+    """
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
     if name not in DTYPES:
-        raise ValueError(
-            f"dtype {dtype!r}: qwen2np computes in 'float32' (default) or 'float64'; bfloat16/float16 "
-            f"checkpoints are converted to the compute dtype when loaded"
+        raise ConfigError(
+            f"dtype {dtype!r}: qwen2np computes in 'float32' (default), 'float64' (the reference mode), or "
+            f"'bfloat16'/'float16' (as transformers computes in half precision)"
         )
     return np.dtype(DTYPES[name])
 

@@ -132,10 +132,12 @@ class RotaryEmbedding:
         self.rope = config.rope_parameters
         self.head_dim = config.head_dim
         self.max_position_embeddings = config.max_position_embeddings
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype)                  # of cos and sin
+        # subtle: half-precision models compute the tables in float32 and round cos and sin (transformers)
+        self.table_dtype = np.dtype(np.float32) if self.dtype.itemsize < 4 else self.dtype
         self.xp = xp
         inv_freq, self.attention_scaling = inverse_frequencies(
-            self.rope, self.head_dim, self.max_position_embeddings, self.dtype
+            self.rope, self.head_dim, self.max_position_embeddings, self.table_dtype
         )
         self.inv_freq = self.original_inv_freq = xp.asarray(inv_freq)
         self.max_seq_len_cached = self.max_position_embeddings
@@ -150,7 +152,7 @@ class RotaryEmbedding:
         cached = self.max_seq_len_cached
         if seq_len > cached:  # growth
             inv_freq, self.attention_scaling = inverse_frequencies(
-                self.rope, self.head_dim, self.max_position_embeddings, self.dtype, seq_len=seq_len
+                self.rope, self.head_dim, self.max_position_embeddings, self.table_dtype, seq_len=seq_len
             )
             self.inv_freq = self.xp.asarray(inv_freq)
             self.max_seq_len_cached = seq_len

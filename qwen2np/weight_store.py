@@ -121,8 +121,12 @@ class StoredWeight:
         return self.size * self.dtype.itemsize
 
     def rows(self, r0, r1, out=None):
-        """Rows [r0, r1) in the compute dtype: [r1 - r0, C]."""
-        return convert_rows(self.stored, r0, r1, self.dtype, out)
+        """Rows [r0, r1) in the compute dtype: [r1 - r0, C]. Into an `out` of a wider dtype (the float32 of
+        a half-precision product), the compute dtype's values, widened."""
+        if out is None or out.dtype == self.dtype or PLAIN_KINDS.get(self.stored.kind) == self.dtype:
+            return convert_rows(self.stored, r0, r1, out.dtype if out is not None else self.dtype, out)
+        out[...] = convert_rows(self.stored, r0, r1, self.dtype)     # rounded to the compute dtype first
+        return out
 
     def done(self):
         """Called after each use: a streamed weight lets its pages go."""
@@ -156,13 +160,22 @@ def matmul_t(x, weight):
     xp = array_module(x)
     N, I = x.shape
     O = weight.shape[0]
-    rows = block_rows(N, I, np.dtype(weight.dtype).itemsize)
+    rows = block_rows(N, I, x.dtype.itemsize)
     stored = isinstance(weight, StoredWeight)
     out = xp.empty((N, O), dtype=x.dtype)
-    buffer = np.empty((min(rows, O), I), dtype=weight.dtype) if stored else None
+    # a block is converted into `buffer` when the weight is stored, or kept in another dtype than the
+    # product's (half-precision weights in a float32 product)
+    convert = stored or weight.dtype != x.dtype
+    buffer = (np if stored else xp).empty((min(rows, O), I), dtype=x.dtype) if convert else None
     for r0 in range(0, O, rows):
         r1 = min(O, r0 + rows)
-        block = xp.asarray(weight.rows(r0, r1, out=buffer[:r1 - r0])) if stored else weight[r0:r1]
+        if stored:
+            block = xp.asarray(weight.rows(r0, r1, out=buffer[:r1 - r0]))
+        elif convert:
+            block = buffer[:r1 - r0]
+            block[...] = weight[r0:r1]                             # exact: half precision widened
+        else:
+            block = weight[r0:r1]
         xp.matmul(x, block.T, out=out[:, r0:r1])                    # [N, in] @ [in, rows] -> [N, rows]
     if stored:
         weight.done()

@@ -99,6 +99,8 @@ def random_parameters(shapes, config, dtype, seed=0):
             params[name] = np.ones(shape, dtype=dtype)
         elif name.endswith(".bias"):
             params[name] = np.zeros(shape, dtype=dtype)
+        elif dtype.itemsize < 4:    # NumPy draws float32 or float64 only: drawn in float32, then rounded
+            params[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
         else:
             params[name] = rng.standard_normal(shape, dtype=dtype) * std
     embed = next(n for n in shapes if n.endswith("embed_tokens.weight"))

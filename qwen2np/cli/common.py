@@ -19,7 +19,7 @@ def add_common_arguments(parser):
     parser.add_argument("--model", default="test", metavar="PATH",
                         help="a Hugging Face folder, a .gguf file, `test` (the fetched test checkpoint) or a "
                              "hub id (default: test)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                         help=f"stop after N new tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -30,6 +30,40 @@ def add_common_arguments(parser):
     parser.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise seen tokens (1.0: off)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of reproducible sampling (docs/sampling.md)")
     parser.add_argument("--system", metavar="TEXT", help="a system message (through the chat template)")
+
+
+DTYPES = ["float32", "float64", "bfloat16", "float16"]
+
+
+def add_model_arguments(parser):
+    """--dtype and --max-memory: how a command that loads a model computes, and within what memory."""
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="compute dtype: float32 (default), float64 (the reference mode), or bfloat16/float16 "
+                             "as transformers computes in half precision")
+    parser.add_argument("--max-memory", metavar="SIZE", type=memory_size,
+                        help="memory the model may use, e.g. 6GB or 5.5GiB (default: what the machine has "
+                             "available); weights that do not fit are converted at each use (docs/weights.md)")
+
+
+def memory_size(text):
+    """argparse type of --max-memory: a size such as 6GB (a bad one is a one-line usage error)."""
+    import argparse
+
+    from ..budget import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("max_memory", "--max-memory")) from None
+
+
+def load_model(cls, path, args, progress=None):
+    """`cls.from_pretrained` with the --dtype and --max-memory of `args`; says on stderr how the weights
+    are held (kept, converted per use, streamed)."""
+    model = cls.from_pretrained(path, dtype=args.dtype, progress=progress, max_memory=args.max_memory)
+    if model.weight_plan is not None:
+        print(f"weights: {model.weight_plan.description}", file=sys.stderr)
+    return model
 
 
 def generation_kwargs(args):
@@ -64,7 +98,7 @@ def load(args):
     path = resolve_model_path(args.model)
     started = time.perf_counter()
     try:
-        model = Qwen2ForCausalLM.from_pretrained(path, dtype=args.dtype, progress=ProgressBar())
+        model = load_model(Qwen2ForCausalLM, path, args, progress=ProgressBar())
         tokenizer = Qwen2Tokenizer.from_pretrained(path)
     except (OSError, KeyError, IndexError) as e:  # anything the loaders did not already explain
         raise CheckpointError(f"cannot load {args.model!r} ({path}): {type(e).__name__}: {e}") from e

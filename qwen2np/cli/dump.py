@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from ..errors import DumpError
+from .common import add_model_arguments, load_model
 
 HELP = "write named intermediate tensors of a forward pass (golden values)"
 
@@ -34,7 +35,7 @@ def add_arguments(parser):
                         help="wrap each prompt in the chat template as a user message, ready for the answer")
     parser.add_argument("--include", action="append", nargs="+", metavar="GLOB",
                         help="the names to dump, as globs (default: all; docs/intermediates.md lists them)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    add_model_arguments(parser)
     parser.add_argument("--decode-steps", type=int, default=0, metavar="N",
                         help="feed the last N tokens one at a time through the KV cache (N forward passes)")
     parser.add_argument("--tokenizer", metavar="PATH", help="where the tokenizer is, if not with the model")
@@ -137,7 +138,7 @@ def run(args):
     plan_passes(ids.shape[1], args.decode_steps)  # refuse a bad --decode-steps before the slow load
     check_target(args.out, args.overwrite)  # and an --out that holds files (or is a file)
     started = time.perf_counter()
-    model = Qwen2ForCausalLM.from_pretrained(path, dtype=args.dtype)
+    model = load_model(Qwen2ForCausalLM, path, args)
     outside = np.argwhere(ids >= model.config.vocab_size)
     if len(outside):
         r, c = outside[0]
