@@ -247,6 +247,6 @@ def describe(plan, stored, config):
         how = f"{kept_layers} of {L} layers kept as {dtype}, the rest converted per use"
     if streamed:
         how += f"; {len(streamed)} of {len(matrices)} matrices streamed from the file (re-read at each use)"
-    size = f"{count / 1e9:.1f} B" if count >= 1e8 else f"{count / 1e6:.0f} M"
+    size = f"{count / 1e9:.1f} B" if count >= 1e8 else f"{count / 1e6:.0f} M" if count >= 1e6 else f"{count:,}"
     budget = "" if plan.budget is None else f" (budget {format_bytes(plan.budget)})"
     return f"{size} parameters, {on_disk} on disk; {how}{budget}"

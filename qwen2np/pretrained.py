@@ -13,6 +13,7 @@ from .backend import backend as array_backend
 from .config import Qwen2Config
 from .errors import CheckpointError, ConfigError
 from .memory import apply_environment as apply_memory_environment
+from .weight_store import StoredWeight
 from .weights import check_memory, check_shapes, random_parameters
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -194,7 +195,9 @@ class Qwen2PreTrainedModel:
         tensors = self.state_dict()
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
-        tensors = {n: np.ascontiguousarray(_to_numpy(a)) for n, a in tensors.items()}
+        # a weight converted per use is written a block at a time (never whole), the others as arrays
+        tensors = {n: a if isinstance(a, StoredWeight) else np.ascontiguousarray(_to_numpy(a))
+                   for n, a in tensors.items()}
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
         generation = self.generation_config.to_diff_dict() if self.generation_config is not None else None
@@ -206,17 +209,26 @@ class Qwen2PreTrainedModel:
         backend ("numpy", "cupy"), in place like torch's `module.to`; returns self.
 
         float32 weights convert to float64 exactly, so `model.to("float64")` gives the model that
-        `from_pretrained(..., dtype="float64")` gives, without reading the file again.
+        `from_pretrained(..., dtype="float64")` gives, without reading the file again. Converting kept
+        weights needs memory for the new arrays: that is checked first, and a conversion that cannot fit
+        is refused with the figures (load with `from_pretrained(..., dtype=, max_memory=)` instead).
         """
         if name in DTYPES:
             dtype = resolve_dtype(name)
-            params = {n: a.astype(dtype, copy=False) for n, a in self.params.items()}
+            # a weight converted per use stays so (in the new dtype); a kept one is converted now, after
+            # checking that the new arrays fit
+            kept = {n: a for n, a in self.params.items() if not isinstance(a, StoredWeight)}
+            check_memory({n: a.shape for n, a in kept.items() if a.dtype != dtype}, dtype,
+                         f"{type(self).__name__}.to({name!r})")
+            params = {n: StoredWeight(a.stored, dtype, a.stream) if isinstance(a, StoredWeight)
+                      else a.astype(dtype, copy=False) for n, a in self.params.items()}
             self.dtype = dtype
         else:
             xp = array_backend(name)
-            # subtle: back to NumPy with to_numpy: np.asarray refuses a cupy array (no implicit copies)
+            # subtle: back to NumPy with to_numpy: np.asarray refuses a cupy array (no implicit copies); a
+            # weight converted per use is converted whole on the way to the device
             move = _to_numpy if xp is np else xp.asarray
-            params = {n: move(a) for n, a in self.params.items()}
+            params = {n: move(np.asarray(a) if isinstance(a, StoredWeight) else a) for n, a in self.params.items()}
             self.xp = xp
         self._set_params(params)
         return self

@@ -167,10 +167,13 @@ class Trace:
     returning it, or an array. A replacement must keep the shape and dtype. Edits apply before recording,
     so the trace holds what the forward pass actually used. `t[name]` is the tensor from the latest
     forward pass; `t.history(name)` gives one per forward pass (prefill, then each decode step).
+    With `sink`, each matched tensor is handed to `sink(name, x)` as it is produced (to be written out
+    before the forward pass goes on) and the trace keeps nothing.
     """
 
-    def __init__(self, model, *patterns, edits=None, pass_name=False):
+    def __init__(self, model, *patterns, edits=None, pass_name=False, sink=None):
         self.model = model
+        self.sink = sink       # when given, sink(name, x) takes each matched tensor and nothing is kept
         self.patterns = list(patterns)
         self.edits = dict(edits or {})
         self.pass_name = pass_name
@@ -206,8 +209,10 @@ class Trace:
                 # (scores become probs, act is multiplied by up_proj): the caller's array stays as given
                 x = x if new is x else _checked(name, x, new).copy()
         if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
-            # a copy: the forward pass may reuse the buffer of `x` in place afterwards
-            self.records.setdefault(name, []).append(x.copy())
+            if self.sink is not None:       # streamed out at once (a dump written as it runs): nothing kept
+                self.sink(name, x)
+            else:   # a copy: the forward pass may reuse the buffer of `x` in place afterwards
+                self.records.setdefault(name, []).append(x.copy())
         return x
 
     def __getitem__(self, name):

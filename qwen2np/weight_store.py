@@ -128,6 +128,14 @@ class StoredWeight:
         out[...] = convert_rows(self.stored, r0, r1, self.dtype)     # rounded to the compute dtype first
         return out
 
+    def chunks(self, n):
+        """The values in C order, a block of rows (about n values) at a time: for writing the weight out
+        without converting it whole (io.safetensors_file.write_safetensors)."""
+        step = max(1, n // max(self.stored.num_columns, 1))
+        for r0 in range(0, self.stored.num_rows, step):
+            yield self.rows(r0, min(self.stored.num_rows, r0 + step)).reshape(-1)
+        self.done()
+
     def done(self):
         """Called after each use: a streamed weight lets its pages go."""
         if self.stream:

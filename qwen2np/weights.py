@@ -46,34 +46,14 @@ def parameter_bytes(shapes, dtype):
     return sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(dtype).itemsize
 
 
-def available_memory():
-    """Bytes this process can still allocate: MemAvailable, or the cgroup's limit if lower."""
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read())
-        if limit != "max":
-            available = min(available or int(limit), int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
-
-
 def _gib(n):
     return f"{n / 2**30:.1f} GiB"
 
 
 def check_memory(shapes, dtype, what):
     """Refuse, with the figures, to allocate weights that cannot fit, rather than being killed mid-way."""
+    from .budget import available_memory
+
     needed = parameter_bytes(shapes, dtype)
     available = available_memory()
     if available is not None and needed > 0.9 * available:

@@ -45,6 +45,7 @@ from transformers.models.qwen2 import modeling_qwen2
 from qwen2np.cli.dump import FINGERPRINT_METHODS, add_arguments, include_patterns, inputs_from_args
 from qwen2np.errors import DumpError, IntermediateNameError, Qwen2npError
 from qwen2np.golden.dump import new_dump, plan_passes, write_dump
+from qwen2np.golden.record import select_positions, take_positions
 from qwen2np.golden.fingerprint import architecture, config_fingerprint, weights_fingerprint
 from qwen2np.tracing import intermediate_names
 
@@ -274,7 +275,7 @@ def versions():
 
 
 def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_steps=0, prompt=None, chat=False,
-                model_path=None, fingerprint="sha256-f32", float64_all=False):
+                model_path=None, fingerprint="sha256-f32", float64_all=False, positions=None):
     """The transformers counterpart of qwen2np.golden.record.record_dump: the same passes, names, format."""
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
     mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
@@ -290,6 +291,9 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
                         cache=cache, use_cache=len(plan) > 1)
             cache = out.cache
     passes = [{"start": s, "length": n, "tensors": recorder.ordered(i)} for i, (s, n) in enumerate(plan)]
+    kept = select_positions(positions, ids.shape[1], plan[0][1])     # as qwen2np dump --positions
+    if kept is not None:
+        passes[0]["tensors"] = [(n, take_positions(n, a, kept)) for n, a in passes[0]["tensors"]]
     dtype = {t: name for name, t in DTYPES.items()}[model.dtype]
     weights = None
     if fingerprint is not None:   # of the weights as the model holds them: rounded, in half precision
@@ -297,11 +301,14 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     description = {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
                    "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
                    "weights_fingerprint": weights}
-    return new_dump(producer=f"transformers {transformers.__version__} (scripts/dump_transformers.py)",
+    dump = new_dump(producer=f"transformers {transformers.__version__} (scripts/dump_transformers.py)",
                     versions=versions(), dtype=dtype, input_ids=ids.numpy(), attention_mask=attention_mask,
                     prompt=prompt, chat=chat, passes=passes, model=description,
                     options={"include": list(include), "decode_steps": decode_steps, "attn_implementation": "eager",
                              "float64_everywhere": bool(float64_all)})
+    if kept is not None:
+        dump.manifest["passes"][0]["positions"] = dump.manifest["options"]["positions"] = kept
+    return dump
 
 
 def main(argv=None):
@@ -310,6 +317,8 @@ def main(argv=None):
     dtype_flag = next(a for a in parser._actions if a.dest == "dtype")
     dtype_flag.choices = list(DTYPES)   # qwen2np dump computes in float32 or float64; transformers also in half
     dtype_flag.help = "compute dtype (bfloat16, float16: the weights rounded, as a half-precision port holds them)"
+    budget_flag = next(a for a in parser._actions if a.dest == "max_memory")
+    budget_flag.help = argparse.SUPPRESS   # qwen2np's budget; transformers loads its own way
     parser.add_argument("--float64-everywhere", action="store_true",
                         help="with --dtype float64, also run RMSNorm, softmax and RoPE in float64 (docs/float64.md)")
     args = parser.parse_args(argv)
@@ -326,7 +335,7 @@ def main(argv=None):
         transformers.logging.set_verbosity_error()
         model = load_model(path, args.dtype)
         dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
-                           FINGERPRINT_METHODS[args.fingerprint], args.float64_everywhere)
+                           FINGERPRINT_METHODS[args.fingerprint], args.float64_everywhere, args.positions)
         folder = write_dump(dump, args.out, overwrite=args.overwrite)
     except Qwen2npError as e:
         print(f"dump_transformers.py: error: {e}", file=sys.stderr)

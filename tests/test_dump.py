@@ -177,7 +177,7 @@ def test_the_dump_command_end_to_end(tiny_folder, tmp_path, model):
     (["--ids", "1,2", "--decode-steps", "2"], 1, "decode_steps must be in"),
     (["--ids", "1,2", "--attention-mask", "1"], 1, "--attention-mask: expected zeros and ones of the shape"),
     (["--ids", "1,2", "--chat"], 1, "--chat applies to --prompt"),
-    (["--ids", "1,2", "--dtype", "float16"], 2, "invalid choice"),
+    (["--ids", "1,2", "--dtype", "int8"], 2, "invalid choice"),
     (["--ids", "1,2", "--prompt", "hi"], 2, "not allowed with"),
 ])
 def test_the_dump_command_explains_bad_input(tiny_folder, tmp_path, args, code, message):
@@ -211,11 +211,11 @@ def test_a_full_disk_leaves_the_old_dump_whole(tiny_folder, tmp_path):
     out = tmp_path / "d"
     assert qwen2np_cli("dump", "--model", tiny_folder, "--ids", "1,2,3", "--include", "logits", "--out", out).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    script = ("import errno, sys, qwen2np.io.safetensors_file as s\n"
-              "def full(path, *a, **k):\n"
-              "    open(path, 'wb').write(b'half')\n"
+    script = ("import errno, sys, qwen2np.golden.dump as d\n"
+              "def full(source, target):\n"
+              "    target.write(b'half')\n"
               "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-              "s.write_safetensors = full\n"
+              "d._copy_file = full\n"
               "from qwen2np.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-c", script, "dump", "--model", str(tiny_folder), "--ids", "7,8",
@@ -272,3 +272,74 @@ def test_dump_writer_writes_nothing_unless_finished(model, tmp_path):
             writer.add("logits", dump["logits"])
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+# -- dumps written as they are recorded, and position selections --------------------------------------
+
+
+def _same_dumps(a, b):
+    assert [(p["start"], p["length"], p.get("positions")) for p in a.passes] == \
+           [(p["start"], p["length"], p.get("positions")) for p in b.passes]
+    assert a.names() == b.names() and set(a.tensors) == set(b.tensors)
+    for key in a.tensors:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_a_dump_streamed_to_disk_equals_the_one_built_in_memory(model, tmp_path):
+    ids, mask = [[5, 6, 7, 8, 9], [0, 0, 3, 4, 5]], [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    in_memory = record_dump(model, ids, mask, decode_steps=2)
+    streamed = record_dump(model, ids, mask, decode_steps=2, out=tmp_path / "d")
+    assert streamed.folder == tmp_path / "d" and (tmp_path / "d" / MANIFEST).is_file()
+    _same_dumps(streamed, in_memory)
+    _same_dumps(read_dump(tmp_path / "d"), in_memory)
+
+
+def test_a_streamed_dump_never_holds_its_tensors(tmp_path):
+    """The traced peak of Python and NumPy allocations stays far below the dump's size (the in-memory
+    dump holds it all): with 8 layers, one layer's temporaries are a small part of the whole."""
+    import tracemalloc
+
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 8}), seed=0)
+    ids = np.random.default_rng(0).integers(1, 48, (2, 64))
+    tracemalloc.start()
+    try:
+        record_dump(model, ids, fingerprint=None)
+        _, whole = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        dump = record_dump(model, ids, fingerprint=None, out=tmp_path / "d")
+        _, streamed = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = sum(a.nbytes for a in dump.tensors.values())
+    assert whole > size and streamed < size / 4, (whole, streamed, size)
+
+
+def test_positions_keep_what_they_select(model):
+    ids = [[5, 6, 7, 8, 9, 10], [0, 0, 3, 4, 5, 6]]
+    mask = [[1] * 6, [0, 0, 1, 1, 1, 1]]
+    full = record_dump(model, ids, mask, decode_steps=1)
+    part = record_dump(model, ids, mask, decode_steps=1, positions="-3:-1")   # of the 6: the 4th and 5th
+    assert part.passes[0]["positions"] == [3, 4] and part.manifest["options"]["positions"] == [3, 4]
+    from qwen2np.tracing import position_axes
+
+    for name in full.names():
+        t_axis, _ = position_axes(name, full[name].ndim)
+        expected = full[name] if t_axis is None else np.take(full[name], [3, 4], axis=t_axis)
+        assert np.array_equal(part[name], expected), name
+    assert np.array_equal(part["logits@1"], full["logits@1"])          # decode steps whole
+    from qwen2np.golden.compare import compare_dumps
+
+    with pytest.raises(DumpError, match="different forward passes"):   # other selections: not comparable
+        compare_dumps(part, full)
+    same = record_dump(model, ids, mask, decode_steps=1, positions=[4, -3])   # the same positions, spelt otherwise
+    assert compare_dumps(part, same).ok
+    perturbed = record_dump(model, ids, mask, decode_steps=1, positions="3:5")
+    key = "model.layers.1.mlp.down_proj"
+    perturbed.tensors[key] = perturbed[key] + np.float32(1e-2)
+    assert compare_dumps(perturbed, part).first_failure.name == key
+
+
+@pytest.mark.parametrize("bad", ["7", "a:b", [0, 99], "5:", [True]])
+def test_bad_position_selections_are_refused(model, bad):
+    with pytest.raises(DumpError, match="positions"):
+        record_dump(model, [[1, 2, 3, 4, 5, 6]], decode_steps=1, positions=bad)

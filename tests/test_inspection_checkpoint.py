@@ -106,7 +106,10 @@ def test_the_command_line_end_to_end(oracle, test_gguf, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run(sys.executable, "-m", "qwen2np", "compare", tmp_path / "ours", tmp_path / "theirs")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "ok: all 34 tensors within tolerance" in r.stdout
+    from qwen2np.tracing import LAYER_NAMES
+
+    compared = 2 * (len(LAYER_NAMES) + 1)       # layer 5's intermediates and the logits, in two passes
+    assert f"ok: all {compared} tensors within tolerance" in r.stdout
 
     r = run(sys.executable, "-m", "qwen2np", "dump", "--model", folder, "--ids", json.dumps([ids[0][:-1] + [13]]),
             *include, "--decode-steps", "1", "--fingerprint", "none", "--out", tmp_path / "other")

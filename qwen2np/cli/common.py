@@ -58,12 +58,14 @@ def memory_size(text):
 
 
 def load_model(cls, path, args, progress=None):
-    """`cls.from_pretrained` with the --dtype and --max-memory of `args`; says on stderr how the weights
-    are held (kept, converted per use, streamed)."""
-    model = cls.from_pretrained(path, dtype=args.dtype, progress=progress, max_memory=args.max_memory)
-    if model.weight_plan is not None:
-        print(f"weights: {model.weight_plan.description}", file=sys.stderr)
-    return model
+    """`cls.from_pretrained` with the --dtype and --max-memory of `args`."""
+    return cls.from_pretrained(path, dtype=args.dtype, progress=progress, max_memory=args.max_memory)
+
+
+def weights_line(model):
+    """How the weights are held, for the line a command prints after loading (kept, converted per use, …)."""
+    plan = getattr(model, "weight_plan", None)
+    return "" if plan is None else f"; weights: {plan.description}"
 
 
 def generation_kwargs(args):
@@ -102,7 +104,7 @@ def load(args):
         tokenizer = Qwen2Tokenizer.from_pretrained(path)
     except (OSError, KeyError, IndexError) as e:  # anything the loaders did not already explain
         raise CheckpointError(f"cannot load {args.model!r} ({path}): {type(e).__name__}: {e}") from e
-    print(f"loaded {path} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(f"loaded {path} in {time.perf_counter() - started:.1f} s{weights_line(model)}", file=sys.stderr)
     return model, tokenizer
 
 

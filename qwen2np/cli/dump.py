@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from ..errors import DumpError
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, load_model, weights_line
 
 HELP = "write named intermediate tensors of a forward pass (golden values)"
 
@@ -36,6 +36,9 @@ def add_arguments(parser):
     parser.add_argument("--include", action="append", nargs="+", metavar="GLOB",
                         help="the names to dump, as globs (default: all; docs/intermediates.md lists them)")
     add_model_arguments(parser)
+    parser.add_argument("--positions", metavar="SEL",
+                        help="keep only these positions of the prompt's tensors (along T): a slice such as -16: "
+                             "or 0:8, or a list such as 0,5,-1 (decode steps are kept whole)")
     parser.add_argument("--decode-steps", type=int, default=0, metavar="N",
                         help="feed the last N tokens one at a time through the KV cache (N forward passes)")
     parser.add_argument("--tokenizer", metavar="PATH", help="where the tokenizer is, if not with the model")
@@ -127,15 +130,16 @@ def include_patterns(args):
 
 def run(args):
     from .. import Qwen2ForCausalLM, Qwen2Tokenizer
-    from ..golden.dump import plan_passes, write_dump
-    from ..golden.record import record_dump
+    from ..golden.dump import plan_passes
+    from ..golden.record import record_dump, select_positions
     from ..hub import resolve_model_path
     from ..io.folders import check_target
 
     path = resolve_model_path(args.model)
     ids, mask, prompt = inputs_from_args(
         args, lambda: Qwen2Tokenizer.from_pretrained(resolve_model_path(args.tokenizer or args.model)))
-    plan_passes(ids.shape[1], args.decode_steps)  # refuse a bad --decode-steps before the slow load
+    plan = plan_passes(ids.shape[1], args.decode_steps)  # refuse a bad --decode-steps before the slow load
+    select_positions(args.positions, ids.shape[1], plan[0][1])   # and a bad --positions
     check_target(args.out, args.overwrite)  # and an --out that holds files (or is a file)
     started = time.perf_counter()
     model = load_model(Qwen2ForCausalLM, path, args)
@@ -144,11 +148,14 @@ def run(args):
         r, c = outside[0]
         raise DumpError(f"--ids: id {ids[r, c]} (row {r + 1}, item {c + 1}) is not a token id of this model "
                         f"(vocab_size {model.config.vocab_size})")
+    # each tensor is written as the forward pass produces it: a dump of a big model is never in memory whole
     dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
-                       FINGERPRINT_METHODS[args.fingerprint])
-    folder = write_dump(dump, args.out, overwrite=args.overwrite)
+                       FINGERPRINT_METHODS[args.fingerprint], positions=args.positions, out=args.out,
+                       overwrite=args.overwrite)
+    folder = dump.folder
     size = sum(a.nbytes for a in dump.tensors.values())
     print(f"wrote {len(dump.tensors)} tensors ({size / 1e6:.1f} MB) of {len(dump.passes)} forward "
-          f"pass{'es' * (len(dump.passes) != 1)} to {folder} in {time.perf_counter() - started:.1f} s",
+          f"pass{'es' * (len(dump.passes) != 1)} to {folder} in {time.perf_counter() - started:.1f} s"
+          f"{weights_line(model)}",
           file=sys.stderr)
     return 0

@@ -114,7 +114,25 @@ def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=
     `passes` is a list of {"start", "length", "tensors": [(name, array), …] in forward order}; `model` is
     {"path", "class", "config", "config_fingerprint", "weights_fingerprint"} (docs/dump-format.md).
     """
-    manifest = {
+    manifest = new_manifest(producer=producer, dtype=dtype, input_ids=input_ids, attention_mask=attention_mask,
+                            prompt=prompt, chat=chat, versions=versions, model=model, options=options)
+    tensors = {}
+    for index, p in enumerate(passes):
+        entries = []
+        for name, array in p["tensors"]:
+            key = tensor_key(name, index)
+            tensors[key] = array
+            entries.append({"name": name, "key": key, "shape": list(array.shape), "dtype": array.dtype.name})
+        manifest["passes"].append({"start": int(p["start"]), "length": int(p["length"]), "tensors": entries})
+    dump = Dump(manifest, tensors)
+    check_dump(dump, "new_dump")
+    return dump
+
+
+def new_manifest(*, producer, dtype, input_ids, attention_mask=None, prompt=None, chat=False, versions=None,
+                 model=None, options=None):
+    """The manifest of a dump, with no forward pass listed yet (see new_dump for the arguments)."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "producer": producer,
@@ -128,17 +146,6 @@ def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=
         "options": options or {},
         "passes": [],
     }
-    tensors = {}
-    for index, p in enumerate(passes):
-        entries = []
-        for name, array in p["tensors"]:
-            key = tensor_key(name, index)
-            tensors[key] = array
-            entries.append({"name": name, "key": key, "shape": list(array.shape), "dtype": array.dtype.name})
-        manifest["passes"].append({"start": int(p["start"]), "length": int(p["length"]), "tensors": entries})
-    dump = Dump(manifest, tensors)
-    check_dump(dump, "new_dump")
-    return dump
 
 
 def write_dump(dump, folder, overwrite=False):

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..errors import DumpError
-from ..tracing import trace
-from .dump import new_dump, plan_passes
+from ..tracing import Trace, position_axes
+from .dump import Dump, check_dump, plan_passes
 from .fingerprint import architecture, config_fingerprint, weights_fingerprint
 
 
@@ -26,14 +26,24 @@ def versions():
 
 
 def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_steps=0, prompt=None, chat=False,
-                model_path=None, fingerprint="sha256-f32"):
+                model_path=None, fingerprint="sha256-f32", positions=None, out=None, overwrite=False):
     """Dump the intermediates of `model` whose names match the globs `include`.
 
     input_ids [B, N] (and attention_mask [B, N], 1 = token, 0 = padding) run as plain forward calls, as
     `model(input_ids, attention_mask=…)` does: a prefill of the first N - decode_steps positions, then one
     forward pass per remaining position through the KV cache. `fingerprint` is a method of
-    fingerprint.py, or None to skip hashing the weights.
+    fingerprint.py, or None to skip hashing the weights. `positions` (indices into the N positions,
+    negative from the end, or a slice) keeps only those positions of the prefill's tensors, along their
+    T axis (docs/dump-format.md); decode steps are kept whole.
+
+    With `out` (a folder), each tensor is written to disk as the forward pass produces it, so that a dump
+    of every intermediate of a long prompt on a big model is never in memory at once; the dump is then
+    returned as read back (memory-mapped). Without, the dump is built in memory.
     """
+    from contextlib import nullcontext
+
+    from .dump import DumpWriter, new_manifest, read_dump, tensor_key
+
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise DumpError(f"input_ids: expected a non-empty [B, N] array of integers, found shape {ids.shape} "
@@ -42,19 +52,89 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     if mask is not None and mask.shape != ids.shape:
         raise DumpError(f"attention_mask: expected the shape of input_ids {ids.shape}, found {mask.shape}")
     plan = plan_passes(ids.shape[1], decode_steps)
-    with trace(model, *include) as t:
+    kept = select_positions(positions, ids.shape[1], plan[0][1])      # prefill positions kept, or None
+    options = {"include": list(include), "decode_steps": decode_steps}
+    manifest = new_manifest(producer=f"qwen2np {versions()['qwen2np']}", versions=versions(), dtype=model.dtype,
+                            input_ids=ids, attention_mask=mask, prompt=prompt, chat=chat,
+                            model=model_description(model, model_path, fingerprint), options=options)
+    manifest["passes"] = [{"start": start, "length": length, "tensors": []} for start, length in plan]
+    if kept is not None:
+        options["positions"] = manifest["passes"][0]["positions"] = kept
+    tensors = {}                     # in memory, when there is no `out`
+    writer = None if out is None else DumpWriter(out, overwrite=overwrite)
+    now = {"pass": 0}
+
+    def sink(name, x):               # each recorded tensor as it is produced
+        index = now["pass"]
+        array = to_numpy(x)
+        if index == 0 and kept is not None:
+            array = take_positions(name, array, kept)
+        key = tensor_key(name, index)
+        manifest["passes"][index]["tensors"].append(
+            {"name": name, "key": key, "shape": list(array.shape), "dtype": array.dtype.name})
+        if writer is not None:
+            writer.add(key, array)
+        else:
+            tensors[key] = np.array(array)   # a copy: the forward pass may reuse the buffer
+
+    with writer if writer is not None else nullcontext(), Trace(model, *include, sink=sink):
         cache = None
-        for start, length in plan:
+        for index, (start, length) in enumerate(plan):
+            now["pass"] = index
             end = start + length
-            out = model(ids[:, start:end], attention_mask=None if mask is None else mask[:, :end],
-                        past_key_values=cache, use_cache=len(plan) > 1)
-            cache = out.past_key_values
-    passes = [{"start": start, "length": length, "tensors": [(n, to_numpy(t.history(n)[i])) for n in t.names()]}
-              for i, (start, length) in enumerate(plan)]
-    return new_dump(producer=f"qwen2np {versions()['qwen2np']}", versions=versions(), dtype=model.dtype,
-                    input_ids=ids, attention_mask=mask, prompt=prompt, chat=chat, passes=passes,
-                    model=model_description(model, model_path, fingerprint),
-                    options={"include": list(include), "decode_steps": decode_steps})
+            result = model(ids[:, start:end], attention_mask=None if mask is None else mask[:, :end],
+                           past_key_values=cache, use_cache=len(plan) > 1)
+            cache = result.past_key_values
+        if writer is not None:
+            writer.finish(manifest)
+    if writer is not None:
+        return read_dump(out)
+    dump = Dump(manifest, tensors)
+    check_dump(dump, "record_dump")
+    return dump
+
+
+def select_positions(positions, num_positions, prefill):
+    """The absolute prefill positions a selection keeps, sorted, or None for all.
+
+    `positions` is None, a slice, a string "a:b" / "a:b:c" / "3,7,-1", or integers (negative count from
+    the end of the N input positions). Positions past the prefill (decode steps) are whole anyway.
+
+    >>> select_positions("-3:", 10, 10), select_positions([0, -1, 0], 10, 8), select_positions(None, 4, 4)
+    ([7, 8, 9], [0], None)
+    """
+    if positions is None:
+        return None
+    if isinstance(positions, str):
+        text = positions.strip()
+        try:
+            if ":" in text:
+                positions = slice(*(int(p) if p.strip() else None for p in text.split(":")))
+            else:
+                positions = [int(p) for p in text.split(",")]
+        except (TypeError, ValueError):
+            raise DumpError(f"positions {text!r}: expected a slice like -16: or 0:8, or a list like 0,5,-1") from None
+    if isinstance(positions, slice):
+        chosen = list(range(num_positions))[positions]
+    else:
+        chosen = []
+        for p in positions:
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not -num_positions <= p < num_positions:
+                raise DumpError(f"positions: {p!r} is not a position of the {num_positions} input positions "
+                                f"(0 .. {num_positions - 1}, or negative from the end)")
+            chosen.append(int(p) % num_positions)
+    kept = sorted({p for p in chosen if p < prefill})
+    if not kept:
+        raise DumpError(f"positions {positions!r} keep none of the prefill's {prefill} positions")
+    return kept
+
+
+def take_positions(name, array, kept):
+    """`array` with only the `kept` positions along its T axis (unchanged if it has none)."""
+    t_axis, _ = position_axes(name, array.ndim)
+    if t_axis is None or array.shape[t_axis] == 1 and len(kept) > 1:   # RoPE tables of a decode step, etc.
+        return array
+    return np.take(array, kept, axis=t_axis)
 
 
 def model_description(model, path=None, fingerprint="sha256-f32"):

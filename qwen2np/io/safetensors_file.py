@@ -247,6 +247,10 @@ def write_safetensors(path, tensors, dtype=None, metadata=None):
     The header lists tensors in name order with `{"format": "pt"}` metadata, which is what the
     `safetensors` package and transformers expect. The file is written under a temporary name and
     renamed, so a reader never sees a half-written file.
+
+    A tensor may also be any object with `shape`, `dtype` and `chunks(n)`, which yields its values in C
+    order, about n at a time (a weight converted per use; a synthetic weight drawn as it is written):
+    such a tensor is never whole in memory.
     """
     path = os.fspath(path)
     names = sorted(tensors)
@@ -272,14 +276,23 @@ def write_safetensors(path, tensors, dtype=None, metadata=None):
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for array, target in plan:
-                flat = np.asarray(array).reshape(-1)
                 step = max(CHUNK_BYTES // max(target.itemsize, 1), 1)
-                for i in range(0, flat.size, step):
-                    f.write(np.ascontiguousarray(flat[i:i + step], dtype=target).tobytes())
+                for piece in _chunks(array, step):
+                    f.write(np.ascontiguousarray(piece, dtype=target).tobytes())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _chunks(array, step):
+    """The values of `array` in C order, about `step` at a time."""
+    if hasattr(array, "chunks"):
+        yield from array.chunks(step)
+        return
+    flat = np.asarray(array).reshape(-1)
+    for i in range(0, flat.size, step):
+        yield flat[i:i + step]
 
 
 def _numpy_dtype(name):
