@@ -1,4 +1,5 @@
-"""`qwen2np compare A B`: compare two dumps tensor by tensor and name the first divergence.
+"""`qwen2np compare A B`: compare two dumps tensor by tensor and name the first divergence; with
+`--isolate`, name every root cause.
 
     $ qwen2np compare dumps/mine dumps/golden
     A: dumps/mine: myport 0.3, float32, B=1, 12 positions in 1 forward pass
@@ -8,11 +9,25 @@
     …
     FAIL: 52 of 458 tensors out of tolerance; the first, in forward order, is model.layers.5.mlp.up_proj (…)
 
-Exit status: 0 when every tensor is within tolerance, 1 when one is not, 2 when the dumps cannot be
-compared (missing or malformed, different token ids, attention masks, forward passes or shapes) or a flag
-is wrong. B is the reference (NMSE is relative to it). The tolerances are the policy of
-docs/tolerances.md for the dumps' dtype; `--tolerance` overrides them (`1e-3`, or `GLOB=1e-3` for the
-names matching GLOB, repeatable, the last match wins). `--json` prints the whole comparison as JSON.
+    $ qwen2np compare dumps/mine dumps/golden --isolate --brief
+    …
+    ROOT CAUSES: 2 of 1383 operations are wrong on their own inputs: model.layers.3.self_attn.q_rope (…), …
+
+Exit status: 0 when every tensor is within the policy (and, with `--isolate`, every operation agrees with
+its recomputation), 1 when one is not, 2 when the dumps cannot be compared (missing or malformed,
+different token ids, attention masks, forward passes or shapes, weights that are not the port's) or a
+flag is wrong. B is the reference (NMSE is relative to it).
+
+`--policy` says what A is held to (docs/tolerances.md): float32 or float64 (`rel` per tensor kind, the
+default by the dumps' dtypes), bfloat16 or float16 ("consistent with a correct implementation in that
+precision", the default for a dump in that dtype), q8_0 or q4_k_m (a float32 implementation on those
+quantized weights, against a reference on the same dequantized weights). `--tolerance` overrides the
+`rel` tolerance (`1e-3`, or `GLOB=1e-3` for the names matching GLOB, repeatable, the last match wins).
+
+`--isolate` recomputes every operation of A from A's own recorded inputs (qwen2np/golden/isolate.py) with
+the weights of `--model` (default: the checkpoint A's manifest names), checked against A's weights
+fingerprint, and reports every root cause; B is then optional. `--json` prints the whole comparison (and
+isolation) as JSON.
 """
 
 import argparse
@@ -21,7 +36,7 @@ import sys
 
 from ..errors import Qwen2npError
 
-HELP = "compare two dumps tensor by tensor and name the first divergence"
+HELP = "compare two dumps tensor by tensor; name the first divergence, or with --isolate every root cause"
 
 
 def _tolerance(text):
@@ -35,24 +50,63 @@ def _tolerance(text):
 
 def add_arguments(parser):
     parser.add_argument("a", metavar="A", help="a dump folder (the one under test)")
-    parser.add_argument("b", metavar="B", help="a dump folder (the reference)")
+    parser.add_argument("b", metavar="B", nargs="?", help="a dump folder (the reference; optional with --isolate)")
+    parser.add_argument("--policy", metavar="NAME",
+                        help="float32, float64, bfloat16, float16, q8_0 or q4_k_m (default: by the dumps' dtypes)")
     parser.add_argument("--tolerance", type=_tolerance, action="append", metavar="[GLOB=]NUMBER",
                         help="override the tolerance on rel (for the names matching GLOB)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="recompute each operation of A from A's own inputs and name every root cause")
+    parser.add_argument("--model", metavar="PATH",
+                        help="with --isolate: the port's checkpoint (default: the one A's manifest names)")
     parser.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     parser.add_argument("--brief", action="store_true", help="list only the tensors out of tolerance")
 
 
 def run(args):
+    from ..errors import DumpError
     from ..golden.compare import compare_dumps, format_report
     from ..golden.dump import read_dump
+    from ..golden.policies import policy_named
 
     try:
-        comparison = compare_dumps(read_dump(args.a), read_dump(args.b), args.tolerance)
+        if args.b is None and not args.isolate:
+            raise DumpError("compare needs a reference dump B (or --isolate, to check A's operations alone)")
+        if args.model is not None and not args.isolate:
+            raise DumpError("--model goes with --isolate (the weights the operations are recomputed with)")
+        policy = None if args.policy is None else policy_named(args.policy)
+        a = read_dump(args.a)
+        comparison = None if args.b is None else compare_dumps(a, read_dump(args.b), args.tolerance, policy)
+        isolation = _isolate(a, args.model, policy) if args.isolate else None
     except Qwen2npError as e:  # cannot compare: exit 2, so that CI tells it from "out of tolerance"
         print(f"qwen2np compare: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(comparison.to_json(), allow_nan=False))
+        if isolation is None:
+            print(json.dumps(comparison.to_json(), allow_nan=False))
+        else:
+            print(json.dumps({"comparison": None if comparison is None else comparison.to_json(),
+                              "isolation": isolation.to_json()}, allow_nan=False))
     else:
-        print(format_report(comparison, brief=args.brief))
-    return 0 if comparison.ok else 1
+        from ..golden.isolate import format_isolation
+
+        reports = [] if comparison is None else [format_report(comparison, brief=args.brief)]
+        if isolation is not None:
+            reports.append(format_isolation(isolation, brief=args.brief, comparison=comparison))
+        print("\n\n".join(reports))
+    ok = (comparison is None or comparison.ok) and (isolation is None or isolation.ok)
+    return 0 if ok else 1
+
+
+def _isolate(dump, model_path, policy):
+    """Isolate `dump` with a qwen2np model of `model_path`, or of the checkpoint its manifest names."""
+    from .. import Qwen2ForCausalLM
+    from ..errors import DumpError
+    from ..golden.isolate import isolate_dump
+    from ..hub import resolve_model_path
+
+    path = model_path or (dump.manifest.get("model") or {}).get("path")
+    if not path:
+        raise DumpError(f"{dump.folder}: its manifest names no checkpoint; give --model the port's checkpoint")
+    model = Qwen2ForCausalLM.from_pretrained(resolve_model_path(path))
+    return isolate_dump(dump, model, policy)

@@ -6,7 +6,10 @@ Per tensor (docs/tolerances.md defines each):
     mean abs   mean |A - B|
     rel        max |A - B| / max(max |A|, max |B|)      the number held to the tolerance
     NMSE dB    10 log10( sum (A - B)^2 / sum B^2 )       B is the reference; None (-inf) when A == B
+    cosine     sum A·B / sqrt(sum A^2 · sum B^2)
     top-1/5    for logits: the share of positions whose best token (set of 5 best) is the same
+    KL, top-p  for logits: mean KL(softmax B ‖ softmax A) in nats, and the share of positions whose
+               top-p (0.9) nucleus is the same set of tokens
 
 Only positions where the dumps' attention mask is 1 are compared (left padding is backend-dependent);
 the attention mask itself (`…self_attn.mask`) is compared as its pattern of allowed keys, since its
@@ -21,9 +24,15 @@ masked value is finfo(dtype).min, which differs between float32 and float64.
 >>> report = compare_dumps(dump(a), dump(a + np.float32(1e-3)))
 >>> report.ok, report.first_failure.name, f"{report.first_failure.rel:.1e}"
 (False, 'model.norm', '1.0e-03')
+
+The verdict follows a policy (policies.py): float32 and float64 hold `rel` to tolerances.py's table;
+bfloat16, float16, q8_0 and q4_k_m hold NMSE and cosine per kind and depth, and the logits' KL and top-1
+and top-p agreement, to what a correct implementation of that precision was measured to reach.
 """
 
+import fnmatch
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,7 +40,8 @@ import numpy as np
 from ..errors import DumpError
 from ..tracing import position_axes
 from .fingerprint import differing_weights
-from .tolerances import policy_dtype, tolerance_for
+from .policies import TOP_P, default_policy, policy_named
+from .tolerances import kind_of, tolerance_for
 
 TOP_K = 5
 
@@ -51,6 +61,10 @@ class TensorComparison:
     ok: bool
     top1: float | None = None
     top5: float | None = None
+    cosine: float | None = None   # None: one side is all zeros
+    kl: float | None = None       # logits: mean KL(softmax B ‖ softmax A), nats
+    top_p: float | None = None    # logits: share of positions with the same top-p nucleus
+    limit: str = ""               # what the policy held it to, when not a rel tolerance
 
 
 @dataclass
@@ -61,6 +75,7 @@ class Comparison:
     only_in_a: list
     only_in_b: list
     notes: list
+    policy: object = None
 
     @property
     def ok(self):
@@ -76,7 +91,7 @@ class Comparison:
             "ok": self.ok,
             "first_failure": None if self.first_failure is None else self.first_failure.key,
             "a": self.a.describe(), "b": self.b.describe(),
-            "tolerance_dtype": policy_dtype(self.a.dtype, self.b.dtype),
+            "policy": self.policy.name if self.policy is not None else None,
             "tensors": [{**asdict(t), "shape": list(t.shape)} for t in self.tensors],
             "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
         })
@@ -92,14 +107,18 @@ def _json_safe(value):
     return value
 
 
-def compare_dumps(a, b, tolerances=None):
-    """Compare dump `a` with the reference dump `b`; `tolerances` is a list of (glob, value) overrides.
+def compare_dumps(a, b, tolerances=None, policy=None):
+    """Compare dump `a` with the reference dump `b`; `tolerances` is a list of (glob, value) overrides of
+    the `rel` tolerance; `policy` a name of policies.py (None: the dumps' dtypes decide).
 
     Refuses (DumpError) dumps of different token ids, attention masks, prompts, forward passes or shapes.
     """
     check_comparable(a, b)
     mask = a.attention_mask
-    dtype = policy_dtype(a.dtype, b.dtype)
+    policy = default_policy(a.dtype, b.dtype) if policy is None else policy_named(policy)
+    rel_table = policy.rel_tolerances()
+    layers = (a.manifest.get("model") or {}).get("config", {}).get("num_hidden_layers") or \
+        (b.manifest.get("model") or {}).get("config", {}).get("num_hidden_layers")
     tensors, only_in_a, only_in_b = [], [], []
     for index, p in enumerate(a.passes):
         names_b = set(b.names(index))
@@ -112,13 +131,31 @@ def compare_dumps(a, b, tolerances=None):
             if x.shape != y.shape:
                 raise DumpError(f"{entry['key']}: shape {list(x.shape)} in {a.folder or 'A'} but "
                                 f"{list(y.shape)} in {b.folder or 'B'}; dumps of different shapes cannot be compared")
-            valid = valid_elements(name, x.shape, mask, p["start"], p["length"])
-            tensors.append(compare_tensor(name, entry["key"], index, x, y, valid,
-                                          tolerance_for(name, dtype, tolerances)))
+            valid = valid_elements(name, x.shape, mask, p["start"], p["length"], p.get("positions"))
+            overridden = any(fnmatch.fnmatchcase(name, g) for g, _ in tolerances or [])
+            if rel_table is not None or overridden:
+                tolerance = tolerance_for(name, policy.name if rel_table is not None else "float32", tolerances)
+                tensors.append(compare_tensor(name, entry["key"], index, x, y, valid, tolerance))
+            else:   # a reduced-precision policy: NMSE and cosine for the kind and depth, and the logits' figures
+                t = compare_tensor(name, entry["key"], index, x, y, valid, math.inf)
+                policy.judge_comparison(t, depth(name, layers))
+                tensors.append(t)
         only_in_b += [t["key"] for t in b.passes[index]["tensors"] if t["name"] not in set(a.names(index))]
     if not tensors:
         raise DumpError(f"the dumps have no tensor name in common ({a.describe()}; {b.describe()})")
-    return Comparison(a, b, tensors, only_in_a, only_in_b, notes(a, b))
+    return Comparison(a, b, tensors, only_in_a, only_in_b, notes(a, b, policy), policy)
+
+
+def depth(name, num_layers):
+    """Where a tensor sits in the stack, 0 (embedding, layer 0) to 1 (last layer, norm, logits).
+
+    >>> depth("model.layers.12.mlp.act", 25), depth("logits", 24), depth("model.embed_tokens", 24)
+    (0.5, 1.0, 0.0)
+    """
+    m = re.match(r"(?:model\.)?layers\.(\d+)", name)
+    if m:
+        return int(m.group(1)) / max(1, (num_layers or int(m.group(1)) + 1) - 1)
+    return 0.0 if kind_of(name) in ("embed_tokens", "rotary_emb.cos", "rotary_emb.sin") else 1.0
 
 
 def check_comparable(a, b):
@@ -136,14 +173,14 @@ def check_comparable(a, b):
     pa, pb = a.manifest.get("prompt"), b.manifest.get("prompt")
     if pa is not None and pb is not None and (pa != pb or a.manifest.get("chat") != b.manifest.get("chat")):
         raise DumpError(f"{where} record different prompts ({pa!r:.60} vs {pb!r:.60})")
-    spans_a = [(p["start"], p["length"]) for p in a.passes]
-    spans_b = [(p["start"], p["length"]) for p in b.passes]
+    spans_a = [(p["start"], p["length"], p.get("positions")) for p in a.passes]
+    spans_b = [(p["start"], p["length"], p.get("positions")) for p in b.passes]
     if spans_a != spans_b:
-        raise DumpError(f"{where} split the input into different forward passes ((start, length): {spans_a} vs "
-                        f"{spans_b}); dump both with the same --decode-steps")
+        raise DumpError(f"{where} split the input into different forward passes ((start, length, positions kept): {spans_a} vs "
+                        f"{spans_b}); dump both with the same --decode-steps (and --positions)")
 
 
-def notes(a, b):
+def notes(a, b, policy=None):
     """What a reader should know: different configs or weights, different dtypes."""
     out = []
     ma, mb = a.manifest.get("model") or {}, b.manifest.get("model") or {}
@@ -155,20 +192,33 @@ def notes(a, b):
     if wa and wb and wa.get("method") == wb.get("method") and wa.get("digest") != wb.get("digest"):
         names = differing_weights(wa, wb)
         out.append(f"the weights differ: {len(names)} of them ({', '.join(names[:5])}{', …' * (len(names) > 5)})")
+    policy = policy or default_policy(a.dtype, b.dtype)
     if a.dtype != b.dtype:
-        out.append(f"dtypes differ ({a.dtype} vs {b.dtype}): the {policy_dtype(a.dtype, b.dtype)} tolerances apply")
+        out.append(f"dtypes differ ({a.dtype} vs {b.dtype}): the {policy.name} policy applies")
+    file_type = ma.get("file_type")
+    if file_type and file_type not in ("F32", "F16", "BF16") and policy.rel_tolerances() is not None:
+        out.append(f"A ran on {file_type} weights: --policy {_quantized_policy(file_type)} judges it as a correct "
+                   f"implementation on those weights (against a reference on the same dequantized weights)")
     return out
 
 
-def valid_elements(name, shape, mask, start, length):
-    """Boolean [shape] of the elements at real (not padding) positions, or None when all are."""
+def _quantized_policy(file_type):
+    return "q8_0" if file_type.upper().startswith("Q8") else "q4_k_m"
+
+
+def valid_elements(name, shape, mask, start, length, positions=None):
+    """Boolean [shape] of the elements at real (not padding) positions, or None when all are.
+    `positions` are the input positions a dump kept along T (all of the pass when None)."""
     if mask is None or mask.all():
         return None
     t_axis, s_axis = position_axes(name, len(shape))
     if t_axis is None or shape[0] != mask.shape[0] or shape[t_axis] > length:
         return None  # no position axis, or rows shared by the batch (RoPE tables): nothing depends on padding
     seen = mask[:, :start + length].astype(bool)                         # [B, past + T]
-    keep = _along(seen[:, start:][:, seen.shape[1] - start - shape[t_axis]:], t_axis, len(shape))
+    if positions is not None and shape[t_axis] == len(positions):        # a dump that kept some positions
+        keep = _along(seen[:, positions], t_axis, len(shape))
+    else:
+        keep = _along(seen[:, start:][:, seen.shape[1] - start - shape[t_axis]:], t_axis, len(shape))
     if s_axis is not None:  # key positions: the last S positions seen so far (a sliding layer keeps fewer)
         keep = keep & _along(seen[:, -shape[s_axis]:], s_axis, len(shape))
     return np.broadcast_to(keep, shape)
@@ -186,9 +236,11 @@ def compare_tensor(name, key, pass_index, x, y, valid, tolerance):
     is_mask = name.rsplit(".", 1)[-1] == "mask"
     if is_mask:  # compare which keys are allowed, not the value standing for "masked"
         x, y = (x == 0).astype(np.float64), (y == 0).astype(np.float64)
-    top1 = top5 = None
+    top1 = top5 = kl = top_p = None
     if name.rsplit(".", 1)[-1] == "logits" and x.ndim >= 2:
-        top1, top5 = top_k_agreement(x, y, None if valid is None else valid[..., 0])
+        rows = None if valid is None else valid[..., 0]
+        top1, top5 = top_k_agreement(x, y, rows)
+        kl, top_p = logits_divergence(x, y, rows)
     xs = np.asarray(x if valid is None else x[valid], dtype=np.float64).reshape(-1)
     ys = np.asarray(y if valid is None else y[valid], dtype=np.float64).reshape(-1)
     finite = np.isfinite(xs) & np.isfinite(ys)
@@ -196,7 +248,8 @@ def compare_tensor(name, key, pass_index, x, y, valid, tolerance):
         if not np.array_equal(xs[~finite], ys[~finite], equal_nan=True):  # inf or NaN on one side only
             return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape),
                                     compared=int(xs.size), max_abs=math.inf, mean_abs=math.inf, rel=math.inf,
-                                    nmse_db=math.inf, tolerance=tolerance, ok=False, top1=top1, top5=top5)
+                                    nmse_db=math.inf, tolerance=tolerance, ok=False, top1=top1, top5=top5,
+                                    cosine=math.nan, kl=kl, top_p=top_p)
         xs, ys = xs[finite], ys[finite]     # the same inf or NaN on both sides: compare the rest
     err = np.abs(xs - ys)
     max_abs = float(err.max()) if err.size else 0.0
@@ -205,7 +258,20 @@ def compare_tensor(name, key, pass_index, x, y, valid, tolerance):
     return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape), compared=int(xs.size),
                             max_abs=max_abs, mean_abs=float(err.mean()) if err.size else 0.0, rel=rel,
                             nmse_db=nmse_db(err, ys), tolerance=tolerance, ok=bool(rel <= tolerance),
-                            top1=top1, top5=top5)
+                            top1=top1, top5=top5, cosine=cosine(xs, ys), kl=kl, top_p=top_p)
+
+
+def cosine(x, y):
+    """Σ x·y / √(Σ x² · Σ y²), scaled so that no sum overflows or underflows; None when either is all zeros.
+
+    >>> cosine(np.array([1.0, 0.0]), np.array([1.0, 1.0]))
+    0.7071067811865475
+    """
+    px, py = float(np.abs(x).max()) if x.size else 0.0, float(np.abs(y).max()) if y.size else 0.0
+    if px == 0 or py == 0:
+        return None
+    x, y = x / px, y / py
+    return float(np.dot(x, y) / math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y))))
 
 
 def nmse_db(err, ref):
@@ -230,6 +296,42 @@ def nmse_db(err, ref):
     return 10 * (log10_energy(err) - log10_energy(ref))
 
 
+def logits_divergence(x, y, valid_rows=None, top_p=TOP_P, block=64):
+    """(mean KL(softmax y ‖ softmax x) in nats, share of rows whose top-p nucleus is the same set) over
+    the last axis, y the reference. The nucleus is the smallest set of most likely tokens whose
+    probability reaches `top_p` (what TopPLogitsWarper keeps).
+
+    >>> y = np.log(np.array([[0.5, 0.3, 0.2]])); x = np.log(np.array([[0.5, 0.2, 0.3]]))
+    >>> kl, same = logits_divergence(x, y); round(kl, 4), same    # nuclei {0,1,2} both: 0.9 needs all three
+    (0.0405, 1.0)
+    """
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    if valid_rows is not None:
+        rows = np.asarray(valid_rows).reshape(-1)
+        x, y = x[rows], y[rows]
+    if x.shape[0] == 0:
+        return None, None
+    kl, same = [], []
+    for r0 in range(0, x.shape[0], block):
+        lx, ly = _log_softmax(x[r0:r0 + block]), _log_softmax(y[r0:r0 + block])
+        kl.append((np.exp(ly) * (ly - lx)).sum(-1))
+        same.append([_nucleus(a, top_p) == _nucleus(b, top_p) for a, b in zip(lx, ly)])
+    return float(np.concatenate(kl).mean()), float(np.concatenate(same).mean())
+
+
+def _log_softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _nucleus(log_probs, top_p):
+    order = np.argsort(-log_probs, kind="stable")
+    mass = np.cumsum(np.exp(log_probs[order]))
+    return frozenset(order[:int(np.searchsorted(mass, top_p)) + 1].tolist())
+
+
 def top_k_agreement(x, y, valid_rows=None, k=TOP_K):
     """(share of rows with the same argmax, share with the same set of k best) over the last axis."""
     x = x.reshape(-1, x.shape[-1])
@@ -250,25 +352,44 @@ def format_report(comparison, brief=False):
     """The text report: a header, one line per tensor (only the failures when `brief`), and a verdict."""
     lines = [f"A: {comparison.a.describe()}", f"B: {comparison.b.describe()}  (reference)"]
     lines += [f"note: {n}" for n in comparison.notes]
+    reduced = comparison.policy is not None and comparison.policy.rel_tolerances() is None
     width = max(len(t.key) for t in comparison.tensors)
-    lines.append(f"{'tensor':<{width}}  {'max abs':>9}  {'mean abs':>9}  {'rel':>9}  {'NMSE dB':>8}  {'tolerance':>9}")
+    if reduced:
+        lines.append(f"policy {comparison.policy.name}: {comparison.policy.about}")
+        lines.append(f"{'tensor':<{width}}  {'max abs':>9}  {'rel':>9}  {'NMSE dB':>8}  {'cosine':>9}  limit")
+    else:
+        lines.append(f"{'tensor':<{width}}  {'max abs':>9}  {'mean abs':>9}  {'rel':>9}  {'NMSE dB':>8}  {'tolerance':>9}")
     for t in comparison.tensors:
         if brief and t.ok:
             continue
         nmse = "exact" if t.nmse_db is None else f"{t.nmse_db:8.1f}"
-        line = (f"{t.key:<{width}}  {t.max_abs:9.2e}  {t.mean_abs:9.2e}  {t.rel:9.2e}  {nmse:>8}  "
-                f"{t.tolerance:9.1e}  {'ok' if t.ok else 'OUT OF TOLERANCE'}")
+        verdict = "ok" if t.ok else "OUT OF TOLERANCE"
+        if reduced:
+            cos = "—" if t.cosine is None else f"{t.cosine:9.6f}"
+            line = f"{t.key:<{width}}  {t.max_abs:9.2e}  {t.rel:9.2e}  {nmse:>8}  {cos:>9}  {t.limit}  {verdict}"
+        else:
+            line = (f"{t.key:<{width}}  {t.max_abs:9.2e}  {t.mean_abs:9.2e}  {t.rel:9.2e}  {nmse:>8}  "
+                    f"{t.tolerance:9.1e}  {verdict}")
         if t.top1 is not None:
             line += f"  top-1 {100 * t.top1:.1f}%  top-{TOP_K} {100 * t.top5:.1f}%"
+        if t.kl is not None:
+            line += f"  KL {t.kl:.2e}  top-p {100 * t.top_p:.1f}%"
         lines.append(line)
     if comparison.only_in_a or comparison.only_in_b:
         lines.append(f"not compared: {len(comparison.only_in_a)} tensors only in A, {len(comparison.only_in_b)} only in B "
                      f"(e.g. {', '.join((comparison.only_in_a + comparison.only_in_b)[:3])})")
     failures = [t for t in comparison.tensors if not t.ok]
-    if failures:
+    if failures and reduced:
+        names = ", ".join(t.key for t in failures[:8]) + (", …" if len(failures) > 8 else "")
+        lines.append(f"FAIL: {len(failures)} of {len(comparison.tensors)} tensors are beyond what a correct "
+                     f"{comparison.policy.name} implementation reaches: {names}")
+    elif failures:
         first = failures[0]
         lines.append(f"FAIL: {len(failures)} of {len(comparison.tensors)} tensors out of tolerance; the first, in "
                      f"forward order, is {first.key} (rel {first.rel:.2e} > {first.tolerance:.1e})")
+    elif reduced:
+        lines.append(f"ok: consistent with a correct {comparison.policy.name} implementation (all "
+                     f"{len(comparison.tensors)} tensors within the {comparison.policy.name} policy)")
     else:
         lines.append(f"ok: all {len(comparison.tensors)} tensors within tolerance")
     return "\n".join(lines)
