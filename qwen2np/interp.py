@@ -39,6 +39,7 @@ from .backend import to_numpy
 from .errors import IntermediateNameError, TraceError
 from .layers import linear, rms_norm
 from .tracing import position_axes, trace
+from .weight_store import as_array, take_rows
 
 
 def _head(model):
@@ -117,11 +118,21 @@ def logit_lens(model, t, names=None, positions=None, top_k=1, tokens=(), batch=0
     for name in names:
         x = _recorded(t, name, step)[batch, positions]                     # [P, D]
         p = softmax64(unembed(model, x))                                    # [P, V]
-        best = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]            # [P, k]
+        best = _top_k(p, top_k)                                             # [P, k]
         top_ids.append(best)
         top_probs.append(np.take_along_axis(p, best, axis=-1))
         token_probs.append(p[:, tokens])                                    # [P, K]
     return LogitLens(names, positions, np.stack(top_ids), np.stack(top_probs), tokens, np.stack(token_probs))
+
+
+def _top_k(p, k):
+    """The indices of the k largest values of each row of p [P, V], largest first (among equal values,
+    the lower index first; a tie at the k-th place keeps any of them).  -> [P, k]"""
+    k = min(k, p.shape[-1])
+    part = np.argpartition(-p, k - 1, axis=-1)[:, :k]                       # the k best, unordered
+    values = np.take_along_axis(p, part, axis=-1)
+    order = np.lexsort((part, -values), axis=-1)                            # by value, then by index
+    return np.take_along_axis(part, order, axis=-1)
 
 
 def attribution_names(model, heads=True):
@@ -194,8 +205,12 @@ def direct_logit_attribution(model, t, tokens, position=-1, batch=0, step=-1):
     x = final[batch, position].astype(np.float64)                      # [D]: the stream the norm reads
     eps = model.config.rms_norm_eps
     scale = 1.0 / np.sqrt((x * x).mean() + eps)                        # as rms_norm computes it
-    w = to_numpy(norm_w).astype(np.float64)                            # [D]
-    direction = to_numpy(lm_head[np.asarray(tokens)]).astype(np.float64) * w * scale   # [K, D]
+    w = to_numpy(as_array(norm_w)).astype(np.float64)                  # [D]
+    # a fresh [K, D] array (rows picked by index are a copy), scaled in place: for the whole vocabulary
+    # that is one array of V x D float64, not three
+    direction = to_numpy(take_rows(lm_head, np.asarray(tokens, dtype=np.int64))).astype(np.float64, copy=False)
+    direction *= w
+    direction *= scale                                                 # [K, D]: lm_head[v] ⊙ w / rms
     terms = parts @ direction.T                                         # [C, D] @ [D, K] -> [C, K]
     if "logits" in t and _recorded(t, "logits", step).shape[1] == T:
         logits = _recorded(t, "logits", step)[batch, position, tokens].astype(np.float64)

@@ -9,6 +9,8 @@ own, with axis labels, token labels where positions are shown, and colour bars.
 1
 """
 
+import functools
+
 import numpy as np
 
 
@@ -115,6 +117,24 @@ def token_grid(ax, values, texts, row_labels, col_labels, title, cbar_label, cma
 
 
 def show_token(text, width=8):
-    """A token's text made visible for labels: spaces as ␣, newlines as ↵, cut to `width` characters."""
+    """A token's text made visible for labels: spaces as ␣, newlines as ↵, characters the plotting font
+    cannot draw (CJK, Thai, …) as □, cut to `width` characters.
+
+    >>> show_token(" Paris"), show_token("\\n    return"), show_token("现在")
+    ('␣Paris', '↵␣␣␣␣re…', '□□')
+    """
     shown = text.replace(" ", "␣").replace("\n", "↵").replace("\t", "→")
+    glyphs = _font_glyphs()
+    shown = "".join(ch if ord(ch) in glyphs else "□" for ch in shown)
     return shown if len(shown) <= width else shown[:width - 1] + "…"
+
+
+@functools.lru_cache(maxsize=1)
+def _font_glyphs():
+    """The code points matplotlib's default font (DejaVu Sans) can draw; Latin-1 if it cannot be read."""
+    try:
+        from matplotlib import font_manager, ft2font
+
+        return frozenset(ft2font.FT2Font(font_manager.findfont("DejaVu Sans")).get_charmap())
+    except Exception:   # no matplotlib, or no font file: labels in Latin-1 are safe everywhere
+        return frozenset(range(0x100)) | frozenset(map(ord, "␣↵→□…�"))

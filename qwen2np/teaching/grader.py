@@ -353,14 +353,16 @@ def _crossing(scores, p):
 def grade_port_start(fns, model, input_ids):
     """`fns` = {"rms_norm": f(x, w, eps), "apply_rope": f(x, cos, sin)}: run as the start of layer 0
     (the input norm, then RoPE on the queries) and compared with `input_layernorm` and `q_rope`."""
+    from ..backend import to_numpy
     from ..tracing import trace
+    from ..weight_store import as_array
 
     exercise = "the start of a port"
     c = model.config
     with trace(model, "model.embed_tokens", "model.rotary_emb.*", "model.layers.0.input_layernorm",
                "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_rope") as t:
         model(input_ids)
-    w = model.state_dict()["model.layers.0.input_layernorm.weight"]
+    w = to_numpy(as_array(model.state_dict()["model.layers.0.input_layernorm.weight"]))
     B, T = np.asarray(input_ids).shape
     given = {}
     for name, fn, args in [
