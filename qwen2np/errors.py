@@ -35,6 +35,16 @@ class ChatTemplateError(Qwen2npError, ValueError):
     """A tokenizer has no chat template, or the template raised an error while rendering."""
 
 
+class ModelInputError(Qwen2npError, ValueError):
+    """An argument of a forward pass has a bad value: an id outside the vocabulary, a mask or positions of
+    the wrong shape, labels out of range, a bad logits_to_keep."""
+
+
+class ModelInputTypeError(ModelInputError, TypeError):
+    """An argument of a forward pass has the wrong type (floats for ids, a foreign cache object, an unknown
+    keyword). Both a TypeError (the natural builtin) and a ModelInputError."""
+
+
 class CacheError(Qwen2npError, ValueError):
     """A KV cache does not fit the model or the call: made for another config, another batch or dtype."""
 

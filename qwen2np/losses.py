@@ -9,6 +9,7 @@
 import numpy as np
 
 from .backend import array_module, to_numpy
+from .errors import ModelInputError
 
 IGNORE_INDEX = -100
 
@@ -37,11 +38,11 @@ def check_labels(labels, num_classes, what):
     """Class labels must be integers in [0, num_classes) or the ignore index -100 (checked on the host)."""
     labels = to_numpy(labels)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{what}: expected integer class ids, found dtype {labels.dtype}")
+        raise ModelInputError(f"{what}: expected integer class ids, found dtype {labels.dtype}")
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
+        raise ModelInputError(
             f"{what}: label {int(labels[where])} at index {where} is outside [0, {num_classes}) "
             f"and is not the ignore index {IGNORE_INDEX}"
         )
@@ -84,16 +85,16 @@ def check_sequence_labels(labels, batch, config):
         else:
             problem_type = "multi_label_classification"
     if host.dtype.kind not in "iufb":
-        raise ValueError(f"labels: expected numbers, found dtype {host.dtype}")
+        raise ModelInputError(f"labels: expected numbers, found dtype {host.dtype}")
     if problem_type == "single_label_classification":
         check_labels(host, num_labels, "labels")
         if host.size != batch:
-            raise ValueError(f"labels: expected one class id per row ({batch}), found shape {host.shape}")
+            raise ModelInputError(f"labels: expected one class id per row ({batch}), found shape {host.shape}")
     elif problem_type == "multi_label_classification" and host.shape != (batch, num_labels):
-        raise ValueError(f"labels: expected shape (B, num_labels) = {(batch, num_labels)} for multi-label "
+        raise ModelInputError(f"labels: expected shape (B, num_labels) = {(batch, num_labels)} for multi-label "
                          f"classification, found {host.shape}")
     elif problem_type == "regression" and host.size != batch * num_labels:
-        raise ValueError(f"labels: expected {batch * num_labels} regression targets (B x num_labels), found shape "
+        raise ModelInputError(f"labels: expected {batch * num_labels} regression targets (B x num_labels), found shape "
                          f"{host.shape}")
     return problem_type
 

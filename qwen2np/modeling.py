@@ -28,6 +28,7 @@ import numpy as np
 from .attention import self_attention
 from .backend import to_numpy
 from .cache import DynamicCache
+from .errors import ModelInputError, ModelInputTypeError
 from .generation.utils import GenerationMixin
 from .inputs import as_attention_mask, as_embeddings, as_position_ids, as_token_ids
 from .layers import ACT2FN, linear, rms_norm, swiglu_mlp
@@ -96,7 +97,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         for file in self._mapped_files:   # weights read from files that changed under the model: refuse
             file.check()
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            raise ModelInputError("You must specify exactly one of input_ids or inputs_embeds")
         cache = _one_of(past_key_values, cache)
         use_cache = config.use_cache if use_cache is None else use_cache
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -112,7 +113,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         if cache is None and use_cache:
             cache = DynamicCache.from_config(config)
         if cache is not None and not isinstance(cache, DynamicCache):
-            raise TypeError(f"past_key_values: expected a qwen2np DynamicCache, found {type(cache).__name__}")
+            raise ModelInputTypeError(f"past_key_values: expected a qwen2np DynamicCache, found {type(cache).__name__}")
         if cache is not None:
             cache.check_fits(config, B, self.dtype)
         past = cache.get_seq_length() if cache is not None else 0
@@ -160,7 +161,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 4:   # a custom mask, used as given
             S = past + T
             if attention_mask.shape not in ((B, 1, T, S), (1, 1, T, S)):
-                raise ValueError(f"attention_mask: a 4D mask must have shape [B, 1, T, S] = ({B}, 1, {T}, {S}), "
+                raise ModelInputError(f"attention_mask: a 4D mask must have shape [B, 1, T, S] = ({B}, 1, {T}, {S}), "
                                  f"found {attention_mask.shape}")
             bias = self.xp.asarray(attention_mask).astype(self.dtype, copy=False)
             return {kind: AttentionMask(bias) for kind in set(self.config.layer_types)}
@@ -269,7 +270,7 @@ class Qwen2ForCausalLM(_WithBaseModel, GenerationMixin):
             labels = check_labels(labels, self.config.vocab_size, "labels")
             kept = T if keep is None else len(range(T)[keep])
             if labels.shape != (B, kept):
-                raise ValueError(f"labels: expected shape (B, T) = {(B, kept)}, found {labels.shape}")
+                raise ModelInputError(f"labels: expected shape (B, T) = {(B, kept)}, found {labels.shape}")
         out = self._base(input_ids, attention_mask, position_ids, _one_of(past_key_values, cache),
                          inputs_embeds, use_cache, output_attentions, output_hidden_states)
         h = out.last_hidden_state                                     # [B, T, D]
@@ -296,7 +297,7 @@ class Qwen2ForSequenceClassification(_WithBaseModel):
                  output_hidden_states=None, return_dict=None, cache=None):
         B, _ = _batch_and_length(input_ids, inputs_embeds)
         if self.config.pad_token_id is None and B != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            raise ModelInputError("Cannot handle batch sizes > 1 if no padding token is defined.")
         problem_type = None if labels is None else check_sequence_labels(labels, B, self.config)
         out = self._base(input_ids, attention_mask, position_ids, _one_of(past_key_values, cache),
                          inputs_embeds, use_cache, output_attentions, output_hidden_states)
@@ -333,7 +334,7 @@ class Qwen2ForTokenClassification(_WithBaseModel):
         if labels is not None:
             labels = check_labels(labels, self.config.num_labels, "labels")
             if labels.shape != _batch_and_length(input_ids, inputs_embeds):
-                raise ValueError(f"labels: expected shape (B, T) = {_batch_and_length(input_ids, inputs_embeds)}, "
+                raise ModelInputError(f"labels: expected shape (B, T) = {_batch_and_length(input_ids, inputs_embeds)}, "
                                  f"found {labels.shape}")
         out = self._base(input_ids, attention_mask, position_ids, _one_of(past_key_values, cache),
                          inputs_embeds, use_cache, output_attentions, output_hidden_states)
@@ -353,7 +354,7 @@ class Qwen2ForTokenClassification(_WithBaseModel):
 def _one_of(past_key_values, cache):
     """transformers 5.24 renamed `past_key_values` to `cache`; accept either, not both."""
     if past_key_values is not None and cache is not None:
-        raise TypeError("pass the cache as past_key_values or as cache, not both")
+        raise ModelInputTypeError("pass the cache as past_key_values or as cache, not both")
     return past_key_values if past_key_values is not None else cache
 
 
@@ -369,16 +370,16 @@ def _batch_and_length(input_ids, inputs_embeds):
 def _logits_to_keep(logits_to_keep, T):
     """None (every position), a slice of the last k positions, or a checked list of position indices."""
     if isinstance(logits_to_keep, (bool, np.bool_)):
-        raise TypeError(f"logits_to_keep: expected an int or a list of positions, found {logits_to_keep!r}")
+        raise ModelInputTypeError(f"logits_to_keep: expected an int or a list of positions, found {logits_to_keep!r}")
     if isinstance(logits_to_keep, (int, np.integer)):
         if logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep: expected an int >= 0 (0 keeps every position), found {logits_to_keep}")
+            raise ModelInputError(f"logits_to_keep: expected an int >= 0 (0 keeps every position), found {logits_to_keep}")
         return slice(-int(logits_to_keep), None) if logits_to_keep > 0 else None
     positions = to_numpy(logits_to_keep)
     if positions.ndim != 1 or not (np.issubdtype(positions.dtype, np.integer) or positions.size == 0):
-        raise TypeError(f"logits_to_keep: expected an int or a 1D list of integer positions, found "
+        raise ModelInputTypeError(f"logits_to_keep: expected an int or a 1D list of integer positions, found "
                         f"{type(logits_to_keep).__name__} of shape {positions.shape} and dtype {positions.dtype}")
     bad = (positions < -T) | (positions >= T)
     if bad.any():
-        raise ValueError(f"logits_to_keep: position {int(positions[bad][0])} is outside [-{T}, {T}) for T = {T}")
+        raise ModelInputError(f"logits_to_keep: position {int(positions[bad][0])} is outside [-{T}, {T}) for T = {T}")
     return positions.astype(np.int64).tolist()

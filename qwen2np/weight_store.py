@@ -161,20 +161,24 @@ def block_rows(n, in_features, itemsize):
 def matmul_t(x, weight):
     """x · Wᵀ: x [N, in], W [out, in] (an array, or a StoredWeight) -> [N, out].
 
-    subtle: a kept weight's product is computed in the same blocks of W's rows as a converted one's, each
-    block by the same call, so that converting per use changes no bit of the result (tests hold the two
-    equal). A weight small enough for one block is one product, as it always was.
+    Computed as (W · xᵀ)ᵀ a block of W's rows at a time: each block's product fills whole rows of the
+    [out, N] result, the orientation in which OpenBLAS runs fastest for these shapes (measured:
+    docs/weights.md).
+
+    subtle: a kept weight's product is computed in the same blocks as a converted one's, each block by
+    the same call, so that converting per use changes no bit of the result (tests hold the two equal).
     """
     xp = array_module(x)
     N, I = x.shape
     O = weight.shape[0]
     rows = block_rows(N, I, x.dtype.itemsize)
     stored = isinstance(weight, StoredWeight)
-    out = xp.empty((N, O), dtype=x.dtype)
+    out = xp.empty((O, N), dtype=x.dtype)                         # [out, N]
     # a block is converted into `buffer` when the weight is stored, or kept in another dtype than the
     # product's (half-precision weights in a float32 product)
     convert = stored or weight.dtype != x.dtype
     buffer = (np if stored else xp).empty((min(rows, O), I), dtype=x.dtype) if convert else None
+    xt = x.T                                                      # [in, N]
     for r0 in range(0, O, rows):
         r1 = min(O, r0 + rows)
         if stored:
@@ -184,10 +188,10 @@ def matmul_t(x, weight):
             block[...] = weight[r0:r1]                             # exact: half precision widened
         else:
             block = weight[r0:r1]
-        xp.matmul(x, block.T, out=out[:, r0:r1])                    # [N, in] @ [in, rows] -> [N, rows]
+        xp.matmul(block, xt, out=out[r0:r1])                       # [rows, in] @ [in, N] -> [rows, N]
     if stored:
         weight.done()
-    return out
+    return out.T if N == 1 else xp.ascontiguousarray(out.T)       # -> [N, out]
 
 
 def take_rows(weight, ids):

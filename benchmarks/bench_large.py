@@ -1,0 +1,126 @@
+"""qwen2np at the sizes people use: a 7B-shaped bf16 checkpoint, against transformers in bf16.
+
+    python scripts/make_synthetic_checkpoint.py /tmp/qwen2-7b-synthetic       # once: 15.2 GB, ~4 min
+    python benchmarks/bench_large.py --model /tmp/qwen2-7b-synthetic [--rounds 1] [--json out.json]
+
+Each side runs in its own fresh subprocess, one after the other (alternating in the order of --sides,
+round after round), and measures: the load time, the peak RSS of the process (ru_maxrss: the weights
+mapped in, conversions, activations; it includes the interpreter), a 64-token prefill (all logits, as a
+forward call gives them) and one decode step through the KV cache after it (the median of --steps). Before
+timing, one forward pass touches every weight, so that pages the system dropped from its cache are read
+back first. Sides: `transformers-bf16` (5.24, default sdpa attention), `qwen2np-float32`,
+`qwen2np-bfloat16`, `qwen2np-float64`; `--max-memory` passes a budget to the qwen2np sides (default:
+what the machine has available). Prints one JSON object per run and a summary with the ratios.
+
+The machine is shared and its timings move by ±10 %: quote every run, not the best one.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SIDES = ("transformers-bf16", "qwen2np-float32", "qwen2np-bfloat16", "qwen2np-float64")
+PREFILL = 64
+
+
+def worker(side, model_path, steps, max_memory):
+    """Run one side in this process and print its figures as JSON."""
+    ids = np.random.default_rng(0).integers(0, 150_000, (1, PREFILL + steps + 1))
+    t0 = time.perf_counter()
+    if side.startswith("transformers"):
+        import torch
+        import transformers
+
+        torch.set_num_threads(2)
+        transformers.logging.set_verbosity_error()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+        torch.set_grad_enabled(False)
+        load = time.perf_counter() - t0
+        plan = "bf16 as stored"
+
+        def forward(x, cache=None):
+            out = model(torch.from_numpy(x), past_key_values=cache, use_cache=True)
+            return out.past_key_values
+    else:
+        import qwen2np
+        from qwen2np.memory import apply_environment
+
+        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
+        dtype = side.split("-", 1)[1]
+        model = qwen2np.Qwen2ForCausalLM.from_pretrained(model_path, dtype=dtype, max_memory=max_memory)
+        load = time.perf_counter() - t0
+        plan = model.weight_plan.description
+
+        def forward(x, cache=None):
+            return model(x, past_key_values=cache, use_cache=True).past_key_values
+
+    forward(ids[:, :8])                                       # warm-up: every weight read once
+    t0 = time.perf_counter()
+    cache = forward(ids[:, :PREFILL])
+    prefill = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        cache = forward(ids[:, PREFILL + i:PREFILL + i + 1], cache)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"side": side, "load_s": load, "prefill_s": prefill, "decode_s": statistics.median(times),
+                      "decode_all_s": times, "peak_rss_bytes": peak, "weights": plan}))
+
+
+def run_side(side, args):
+    command = [sys.executable, __file__, "--worker", side, "--model", args.model, "--steps", str(args.steps)]
+    if args.max_memory:
+        command += ["--max-memory", args.max_memory]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if done.returncode != 0:
+        return {"side": side, "error": (done.stderr.strip().splitlines() or ["?"])[-1],
+                "returncode": done.returncode, "wall_s": time.perf_counter() - started}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a bf16 checkpoint folder (make_synthetic_checkpoint.py)")
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="decode steps timed (the median is reported)")
+    parser.add_argument("--max-memory", help="budget for the qwen2np sides, e.g. 15GB")
+    parser.add_argument("--json", help="also write every run to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.model, args.steps, args.max_memory)
+    runs = []
+    for r in range(args.rounds):
+        for side in args.sides:
+            result = run_side(side, args)
+            result["round"] = r
+            runs.append(result)
+            print(json.dumps(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=1)
+    reference = {r["round"]: r for r in runs if r["side"] == "transformers-bf16" and "error" not in r}
+    print("\nside                 load s  prefill s  decode s  peak RSS GB   vs transformers: RSS  decode")
+    for r in runs:
+        if "error" in r:
+            print(f"{r['side']:<20} failed: {r['error']}")
+            continue
+        ref = reference.get(r["round"])
+        ratios = "" if ref is None else (f"   {r['peak_rss_bytes'] / ref['peak_rss_bytes']:5.2f}  "
+                                         f"{r['decode_s'] / ref['decode_s']:5.2f}")
+        print(f"{r['side']:<20} {r['load_s']:6.1f}  {r['prefill_s']:9.2f}  {r['decode_s']:8.2f}  "
+              f"{r['peak_rss_bytes'] / 1e9:11.1f}{ratios}")
+
+
+if __name__ == "__main__":
+    main()
