@@ -211,9 +211,25 @@ def plan_weights(stored, dtype, config, budget, what="the model"):
             kept += group
             room -= extra
     mapped = [n for n in mapped if n not in set(kept)]
+    figures["room_left"] = room
     plan = WeightPlan(dtype, budget, kept + list(vectors), mapped, streamed, figures)
     plan.description = describe(plan, stored, config)
     return plan
+
+
+def check_forward(plan, config, batch, tokens, cache_positions, all_logits=True):
+    """Refuse, before anything is computed, a forward pass whose temporaries would not fit in what the
+    budget left for them (the nominal room set aside when loading, plus what the weights did not take)."""
+    if plan is None or plan.budget is None:
+        return
+    needed = activation_bytes(config, plan.dtype, tokens, batch, cache_positions, all_logits)
+    room = plan.figures["activations"] + plan.figures["room_left"]
+    if needed > room:
+        raise ModelTooLargeError(
+            f"a forward pass of {batch} x {tokens} new positions after {cache_positions} cached ones needs about "
+            f"{format_bytes(needed)} of temporaries, but the memory budget of {format_bytes(plan.budget)} leaves "
+            f"{format_bytes(room)} beside the weights; pass fewer positions at once, or load with a larger "
+            f"max_memory")
 
 
 def _groups(names):

@@ -27,6 +27,7 @@ import numpy as np
 
 from .attention import self_attention
 from .backend import to_numpy
+from .budget import check_forward
 from .cache import DynamicCache
 from .errors import ModelInputError, ModelInputTypeError
 from .generation.utils import GenerationMixin
@@ -117,6 +118,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         if cache is not None:
             cache.check_fits(config, B, self.dtype)
         past = cache.get_seq_length() if cache is not None else 0
+        check_forward(self.weight_plan, config, B, T, past)   # temporaries within the memory budget (budget.py)
         attention_mask = as_attention_mask(attention_mask, B, past + T)
         positions = as_position_ids(position_ids, B, T, past)              # [B or 1, T]
         masks = self._masks(attention_mask, positions if position_ids is not None else None, cache, B, T, past)

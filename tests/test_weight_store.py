@@ -220,3 +220,23 @@ def test_a_file_replaced_by_rename_does_not_disturb_the_model(tmp_path, folders)
         replacement.write_bytes(b"\x00" * 16)
         os.replace(replacement, shard)
     assert np.array_equal(model(ids).logits, before)
+
+
+def test_a_forward_pass_too_big_for_the_budget_is_refused_before_it_starts(folders):
+    """The budget keeps room for a 512-token prompt; a call that needs more than is left is refused with
+    the figures, and the cache is as it was."""
+    from qwen2np.budget import NOMINAL_CACHE_POSITIONS, NOMINAL_TOKENS
+
+    folder = folders["float32"]
+    model = Qwen2ForCausalLM.from_pretrained(folder, max_memory=budget_for(folder, "float32", "streamed"))
+    ids = RNG.integers(0, TINY["vocab_size"], (1, 8))
+    cache = model(ids).past_key_values
+    seen = cache.get_seq_length()
+    long = RNG.integers(0, TINY["vocab_size"], (4, NOMINAL_TOKENS + NOMINAL_CACHE_POSITIONS))
+    with pytest.raises(ModelTooLargeError, match="temporaries"):
+        model(long)
+    with pytest.raises(ModelTooLargeError, match="temporaries"):
+        model(long[:1], past_key_values=cache)
+    assert cache.get_seq_length() == seen
+    unlimited = Qwen2ForCausalLM.from_pretrained(folder)          # no budget given: what the machine has
+    assert unlimited(long[:1, :600]).logits.shape == (1, 600, TINY["vocab_size"])
