@@ -125,12 +125,15 @@ def float64_everywhere():
 # -- recording ----------------------------------------------------------------------------------------
 
 
-def to_numpy(tensor):
-    """A torch tensor as a NumPy array of the same dtype (bfloat16 as ml_dtypes.bfloat16, bit for bit)."""
+def to_numpy(tensor, copy=True):
+    """A torch tensor as a NumPy array of the same dtype (bfloat16 as ml_dtypes.bfloat16, bit for bit); a
+    view of the tensor's memory when not `copy`."""
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:   # NumPy has no bfloat16: reinterpret the 16 bits
-        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return tensor.numpy().copy()
+        array = tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+        array = tensor.numpy()
+    return array.copy() if copy else array
 
 
 class Recorder:
@@ -297,7 +300,7 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     dtype = {t: name for name, t in DTYPES.items()}[model.dtype]
     weights = None
     if fingerprint is not None:   # of the weights as the model holds them: rounded, in half precision
-        weights = weights_fingerprint({n: to_numpy(t) for n, t in model.state_dict().items()}, fingerprint)
+        weights = weights_fingerprint({n: to_numpy(t, copy=False) for n, t in model.state_dict().items()}, fingerprint)
     description = {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
                    "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
                    "weights_fingerprint": weights}

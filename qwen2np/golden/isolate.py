@@ -129,11 +129,13 @@ class _Missing(Exception):
 
 
 def port_weights(model, dump):
-    """(weights {name: array}, note): the model's weights as the port holds them, checked by fingerprint.
+    """(weights {name: array}, rounding, note): the model's weights, and the dtype the port holds them in
+    (None: as they are), checked by fingerprint.
 
     A half-precision port holds each weight rounded to its dtype, so the model's weights are tried as
     they are and rounded to the dump's dtype; the candidate whose per-weight sha256 digests equal the
-    dump's `weights_fingerprint` is the one. DumpError when neither matches.
+    dump's `weights_fingerprint` is the one. DumpError when neither matches. The weights are returned as
+    the model holds them (no rounded copy in memory): the recomputation rounds each block it reads.
     """
     weights = model.state_dict()
     fp = (dump.manifest.get("model") or {}).get("weights_fingerprint")
@@ -142,9 +144,8 @@ def port_weights(model, dump):
         candidates.insert(0, (f"rounded to {dump.dtype}", dump.dtype))
     if not fp or not fp.get("tensors"):
         label, dtype = candidates[0]
-        chosen = weights if dtype is None else {n: _round_weight(w, dtype) for n, w in weights.items()}
-        return chosen, (f"A records no weights fingerprint: the model's weights {label} are assumed to be the "
-                        f"ones it ran with")
+        return weights, dtype, (f"A records no weights fingerprint: the model's weights {label} are assumed to "
+                                f"be the ones it ran with")
     method, digests = fp.get("method", "sha256-f32"), fp["tensors"]
     if set(digests) != set(weights):
         extra, lacking = sorted(set(digests) - set(weights)), sorted(set(weights) - set(digests))
@@ -152,16 +153,15 @@ def port_weights(model, dump):
                         f"{extra[:3]}, only in the model: {lacking[:3]}): isolate with the port's own checkpoint")
     worst = None
     for label, dtype in candidates:
-        chosen, differ = {}, []
-        for name in sorted(weights):
+        differ = []
+        for name in sorted(weights):   # one rounded weight at a time
             w = weights[name] if dtype is None else _round_weight(weights[name], dtype)
             if weight_digest(w, method) != digests[name]:
                 differ.append(name)
-                if len(differ) > 3:
-                    break
-            chosen[name] = w
+                break
         if not differ:
-            return chosen, f"weights: the model's, {label}, equal to A's (fingerprint {method}, {len(chosen)} weights)"
+            return weights, dtype, (f"weights: the model's, {label}, equal to A's (fingerprint {method}, "
+                                    f"{len(weights)} weights)")
         worst = worst or (label, differ)
     raise DumpError(f"the model's weights are not the ones A ran with: {worst[1][0]} differs from A's fingerprint "
                     f"({worst[0]}; also tried rounding to the dump's dtype); give --model the port's own checkpoint")
@@ -207,9 +207,10 @@ def ulps(x, expected, dtype):
 class _Recompute:
     """The operations of docs/intermediates.md, recomputed in float64 from one dump's own tensors."""
 
-    def __init__(self, dump, config, weights):
+    def __init__(self, dump, config, weights, weight_dtype=None):
         self.dump, self.config, self.weights = dump, config, weights
         self.r = rounding(dump.dtype)
+        self.wr = rounding(weight_dtype)   # the weights as the port holds them: rounded block by block
         self.mask = dump.attention_mask                                      # [B, N] or None
         names = [t["name"] for _, t in dump.entries()]
         self.prefix = "model." if any(n.startswith("model.") for n in names) else ""
@@ -247,9 +248,9 @@ class _Recompute:
         flat = x.reshape(-1, x.shape[-1])                                  # [N, in]
         out = np.empty((flat.shape[0], weight.shape[0]))                   # [N, out]
         for r0 in range(0, weight.shape[0], rows):
-            out[:, r0:r0 + rows] = flat @ np.asarray(weight[r0:r0 + rows], dtype=np.float64).T
+            out[:, r0:r0 + rows] = flat @ self.wr(np.asarray(weight[r0:r0 + rows], dtype=np.float64)).T
         if bias is not None:
-            out += np.asarray(bias, dtype=np.float64)
+            out += self.wr(np.asarray(bias, dtype=np.float64))
         return self.r(out).reshape(*x.shape[:-1], weight.shape[0])
 
     def rms_norm(self, x, weight):
@@ -257,7 +258,7 @@ class _Recompute:
         weight, as transformers' Qwen2RMSNorm does in half precision.  [..., D] -> [..., D]"""
         variance = (x * x).mean(axis=-1, keepdims=True)                    # [..., 1]
         h = self.r(x / np.sqrt(variance + self.config.rms_norm_eps))
-        return self.r(np.asarray(weight, dtype=np.float64) * h)
+        return self.r(self.wr(np.asarray(weight, dtype=np.float64)) * h)
 
     def tables(self, k):
         """cos, sin [B or 1, T, HD] of pass k: the dump's own if it records them, else computed."""
@@ -313,7 +314,7 @@ class _Recompute:
         shape = tuple(self.dump.tensor(name, k).shape)
         if name == f"{pre}embed_tokens":
             ids = self.dump.input_ids[:, p["start"]:p["start"] + p["length"]]      # [B, T]
-            return self.r(np.asarray(self.w("embed_tokens.weight")[ids], dtype=np.float64))   # -> [B, T, D]
+            return self.r(self.wr(np.asarray(self.w("embed_tokens.weight")[ids], dtype=np.float64)))   # -> [B, T, D]
         if name in (f"{pre}rotary_emb.cos", f"{pre}rotary_emb.sin"):
             cos, sin = self.rotary(k)
             return np.broadcast_to(cos if name.endswith("cos") else sin, shape)
@@ -367,7 +368,7 @@ class _Recompute:
         if rest == "self_attn.head_out":
             context = self.get(f"{scope}.self_attn.context", k)                      # [B, T, H*HD]
             B, T, _ = context.shape
-            wo = np.asarray(w("self_attn.o_proj.weight"), dtype=np.float64).reshape(-1, H, HD)   # [D, H, HD]
+            wo = self.wr(np.asarray(w("self_attn.o_proj.weight"), dtype=np.float64)).reshape(-1, H, HD)   # [D, H, HD]
             heads = context.reshape(B, T, H, HD)
             return self.r(np.einsum("bthk,dhk->bhtd", heads, wo))                    # -> [B, H, T, D]
         if rest == "self_attn.o_proj":
@@ -421,7 +422,7 @@ def isolate_dump(dump, model, policy=None, progress=None):
     Isolation; its `root_causes` are the tensors whose own operation is out of the policy.
     """
     policy = default_policy(dump.dtype) if policy is None else policy_named(policy)
-    weights, weights_note = port_weights(model, dump)
+    weights, weight_dtype, weights_note = port_weights(model, dump)
     notes = [weights_note]
     declared = (dump.manifest.get("model") or {}).get("config_fingerprint")
     from .fingerprint import architecture, config_fingerprint
@@ -431,7 +432,7 @@ def isolate_dump(dump, model, policy=None, progress=None):
         fields = [f for f in mine if mine.get(f) != theirs.get(f)]
         notes.append(f"A declares another config than the model's ({', '.join(fields) or 'fingerprints differ'}): "
                      f"recomputed with the model's")
-    recompute = _Recompute(dump, model.config, weights)
+    recompute = _Recompute(dump, model.config, weights, weight_dtype)
     checks = []
     for index, entry in dump.entries():
         name, key = entry["name"], entry["key"]
