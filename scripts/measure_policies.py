@@ -20,7 +20,7 @@ cosine similarity; for the logits the mean KL divergence, top-1 and top-p agreem
 isolates every port's dump (qwen2np/golden/isolate.py: per kind, the worst local error), then prints
 Markdown tables and one JSON line. Dumps are kept in DIR between phases; each phase holds one model at a
 time (the float64 reference model takes 5 GB; the run peaks near 6 GB), and llama.cpp runs in its own
-process. About 40 minutes on 2 cores.
+process. About an hour on 2 shared cores (the analysis, 35 isolations of 1305-1383 tensors, is most of it).
 """
 
 import argparse
@@ -246,7 +246,7 @@ def print_tables(results):
     ports = list(results["compare"])
     kinds = list(results["compare"][ports[0]])
     header = "| kind | " + " | ".join(ports) + " |\n|" + "---|" * (len(ports) + 1)
-    print("### Worst NMSE (dB) against the float64 reference: layer 0 / layers 1-6 / layers 7-23\n")
+    print("### Worst NMSE (dB) against the float64 reference: layer 0 / layers 1-5 / layers 6-23 (the bands of the policies)\n")
     print(header)
     for kind in kinds:
         cells = []

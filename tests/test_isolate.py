@@ -254,6 +254,26 @@ def test_a_hand_made_half_precision_dump(model):
     assert isolate_dump(dump, model).ok
 
 
+@pytest.mark.oracle
+def test_transformers_to_bfloat16_rounds_rope_s_inv_freq_and_isolation_names_it(dt, oracle, model, tmp_path):
+    """A real half-precision trap: float32 then .to(bfloat16) also rounds the rotary embedding's inv_freq
+    buffer, so every angle is off by up to 2^-9 relative. Isolation names the RoPE tables and nothing else;
+    from_pretrained(dtype=torch.bfloat16), which keeps inv_freq in float32, is clean."""
+    import torch
+
+    model.save_pretrained(tmp_path / "tiny")
+    ids = np.random.default_rng(0).integers(1, 48, (1, 40))
+    converted = oracle.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.float32,
+                                                            attn_implementation="eager").to(torch.bfloat16)
+    assert converted.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    isolation = isolate_dump(dt.record_dump(converted.eval(), ids, decode_steps=2), model)
+    assert root_causes(isolation) == ["model.rotary_emb.cos", "model.rotary_emb.sin"], \
+        format_isolation(isolation, brief=True)
+    loaded = dt.load_model(tmp_path / "tiny", "bfloat16")
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert isolate_dump(dt.record_dump(loaded, ids, decode_steps=2), model).ok
+
+
 # -- the real checkpoint: half-precision ports from transformers ------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""The tolerance policy of `qwen2np compare`: the largest `rel` error accepted, per dtype and tensor kind.
+"""The float32 and float64 policies of `qwen2np compare`: the largest `rel` error accepted, per tensor kind
+(policies.py holds the half-precision and quantized policies, and the isolation limits).
 
 `rel` = max |A - B| / max(max |A|, max |B|) over the compared elements. Every number below is a measured
 worst case times a stated headroom; docs/tolerances.md gives the measurements (scripts/measure_tolerances.py
@@ -43,11 +44,6 @@ def kind_of(name):
     if m:
         return m.group("rest") or "layer"
     return name[len("model."):] if name.startswith("model.") else name
-
-
-def policy_dtype(dtype_a, dtype_b):
-    """The policy that applies to two dumps: float64 only when both are float64."""
-    return "float64" if dtype_a == dtype_b == "float64" else "float32"
 
 
 def tolerance_for(name, dtype, overrides=None):
