@@ -37,9 +37,10 @@ PLAIN_KINDS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("
 CHUNK_BYTES = 16 * 2**20   # stored bytes converted per step when a whole tensor is converted ahead of time
 
 # Converted bytes per block of weight rows. A decode step (a few rows of x) converts blocks that stay in
-# the core's cache (DECODE_BLOCK_BYTES) right before their product; a prefill, whose products are long,
-# converts bigger blocks (PREFILL_BLOCK_BYTES) so that each product is big enough to run at full speed.
-DECODE_BLOCK_BYTES = 1 << 19
+# the processor's cache (DECODE_BLOCK_BYTES: 4 MB, within the last-level cache, and few enough blocks that
+# the Python loop costs little) right before their product; a prefill, whose products are long, converts
+# bigger blocks (PREFILL_BLOCK_BYTES) so that each product is big enough to run at full speed.
+DECODE_BLOCK_BYTES = 1 << 22
 PREFILL_BLOCK_BYTES = 1 << 25
 PREFILL_ROWS = 16            # N (rows of x) from which a product counts as a prefill
 
@@ -161,9 +162,9 @@ def block_rows(n, in_features, itemsize):
 def matmul_t(x, weight):
     """x · Wᵀ: x [N, in], W [out, in] (an array, or a StoredWeight) -> [N, out].
 
-    Computed as (W · xᵀ)ᵀ a block of W's rows at a time: each block's product fills whole rows of the
-    [out, N] result, the orientation in which OpenBLAS runs fastest for these shapes (measured:
-    docs/weights.md).
+    Computed as W · xᵀ a block of W's rows at a time, each block's product filling whole rows of the
+    [out, N] result (for one row of x, a matrix-vector product into [out]): the orientation in which
+    OpenBLAS runs fastest here for blocks converted per use (docs/weights.md).
 
     subtle: a kept weight's product is computed in the same blocks as a converted one's, each block by
     the same call, so that converting per use changes no bit of the result (tests hold the two equal).
@@ -173,12 +174,12 @@ def matmul_t(x, weight):
     O = weight.shape[0]
     rows = block_rows(N, I, x.dtype.itemsize)
     stored = isinstance(weight, StoredWeight)
-    out = xp.empty((O, N), dtype=x.dtype)                         # [out, N]
+    xt = x[0] if N == 1 else xp.ascontiguousarray(x.T)           # [in] or [in, N]
+    out = xp.empty((O,) if N == 1 else (O, N), dtype=x.dtype)     # [out] or [out, N]
     # a block is converted into `buffer` when the weight is stored, or kept in another dtype than the
     # product's (half-precision weights in a float32 product)
     convert = stored or weight.dtype != x.dtype
     buffer = (np if stored else xp).empty((min(rows, O), I), dtype=x.dtype) if convert else None
-    xt = x.T                                                      # [in, N]
     for r0 in range(0, O, rows):
         r1 = min(O, r0 + rows)
         if stored:
@@ -188,10 +189,10 @@ def matmul_t(x, weight):
             block[...] = weight[r0:r1]                             # exact: half precision widened
         else:
             block = weight[r0:r1]
-        xp.matmul(block, xt, out=out[r0:r1])                       # [rows, in] @ [in, N] -> [rows, N]
+        xp.matmul(block, xt, out=out[r0:r1])                       # [rows, in] @ [in(, N)] -> [rows(, N)]
     if stored:
         weight.done()
-    return out.T if N == 1 else xp.ascontiguousarray(out.T)       # -> [N, out]
+    return out[None] if N == 1 else xp.ascontiguousarray(out.T)  # -> [N, out]
 
 
 def take_rows(weight, ids):
