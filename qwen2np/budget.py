@@ -245,22 +245,31 @@ def _groups(names):
 
 
 def describe(plan, stored, config):
-    """One line: "7.6 B parameters, bf16 on disk; 9 of 28 layers kept as float32, the rest converted per use"."""
+    """One line, e.g. "7.6 B parameters, bf16 on disk; 9 of 28 layers kept as float32, the rest converted per
+    use" or "…; kept as float32: 24 of 24 layers; converted per use: lm_head, model.embed_tokens"."""
     count = sum(s.size for s in stored.values())
     kinds = sorted({s.kind for s in stored.values() if len(s.shape) >= 2}, key=lambda k: -sum(
         s.nbytes for s in stored.values() if s.kind == k))
     on_disk = "/".join(k.lower() for k in kinds)
     L = config.num_hidden_layers
-    matrices = {n for n, s in stored.items() if len(s.shape) >= 2}
+    matrices = [n for n, s in stored.items() if len(s.shape) >= 2]
     kept_layers = sum(all(n in plan._kept for n in matrices if f"layers.{i}." in n) for i in range(L))
-    streamed = [n for n in plan.streamed if n in matrices]
+    others = [n for n in matrices if not re.search(r"layers\.\d+\.", n)]
+    streamed = [n for n in plan.streamed if n in set(matrices)]
     dtype = plan.dtype.name
-    if not plan.mapped and not streamed:
+    if all(n in plan._kept for n in matrices):
         how = f"every weight kept as {dtype}"
-    elif kept_layers == 0 and not any(n in plan._kept for n in matrices):
+    elif not any(n in plan._kept for n in matrices):
         how = f"every matrix converted to {dtype} per use"
-    else:
+    elif all(n not in plan._kept for n in others) and kept_layers == L:
+        how = f"all {L} layers kept as {dtype}; {', '.join(others)} converted per use"
+    elif all(n not in plan._kept for n in others):
         how = f"{kept_layers} of {L} layers kept as {dtype}, the rest converted per use"
+    else:
+        kept_others = [n for n in others if n in plan._kept]
+        per_use = [n for n in others if n not in plan._kept]
+        how = (f"kept as {dtype}: {kept_layers} of {L} layers, {', '.join(kept_others)}; converted per use: "
+               f"{', '.join(per_use) or f'{L - kept_layers} layers'}")
     if streamed:
         how += f"; {len(streamed)} of {len(matrices)} matrices streamed from the file (re-read at each use)"
     size = f"{count / 1e9:.1f} B" if count >= 1e8 else f"{count / 1e6:.0f} M" if count >= 1e6 else f"{count:,}"
