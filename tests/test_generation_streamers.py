@@ -189,3 +189,22 @@ def test_what_is_not_token_ids_is_refused(tok, value):
     streamer = TextStreamer(tok, on_text=lambda text: None)
     with pytest.raises(GenerationError, match="TextStreamer.put: expected"):
         streamer.put(value)
+
+
+def test_a_put_with_a_bad_id_changes_nothing():
+    """All or nothing: the ids before a bad one are not consumed (their text would be lost)."""
+    from qwen2np import Qwen2Tokenizer
+    from qwen2np.generation import TextStreamer
+
+    tok = Qwen2Tokenizer.from_pretrained()
+    pieces = []
+    streamer = TextStreamer(tok, on_text=pieces.append)
+    emoji = tok.encode("🤖")                      # several byte-level tokens for one character
+    streamer.put([emoji[0]])
+    from qwen2np.errors import Qwen2npError
+
+    with pytest.raises(Qwen2npError):
+        streamer.put([9707, 10 ** 9])            # "Hello", then an id outside the vocabulary
+    streamer.put(emoji[1:] + [9707])
+    streamer.end()
+    assert "".join(pieces) == "🤖Hello"

@@ -85,7 +85,7 @@ class TextStreamer(BaseStreamer):
         self.next_tokens_are_prompt = False
         if self._decoder is None:
             self._decoder = self._decoder_for_new_stream()
-        text = "".join(self._decoder.push(int(i)) for i in ids)
+        text = self._decoder.push_all(int(i) for i in ids)   # all or nothing: a bad id changes no state
         if text:
             self.on_finalized_text(text)
 

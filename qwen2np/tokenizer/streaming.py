@@ -72,6 +72,16 @@ class IncrementalDecoder:
         self._pending = buf[len(buf) - keep :] if keep else b""
         return text
 
+    def push_all(self, token_ids):
+        """Add several tokens; return the text now complete. All or nothing: an id that cannot be decoded
+        anywhere in `token_ids` raises and leaves the decoder as it was before the call."""
+        saved = self._pending
+        try:
+            return "".join(self.push(t) for t in token_ids)
+        except BaseException:
+            self._pending = saved
+            raise
+
     def flush(self):
         """Return the rest: the held-back bytes, decoded with U+FFFD for an unfinished character."""
         text = decode_utf8(self._pending, self.tokenizer.errors)
