@@ -22,6 +22,8 @@ two give bitwise the same result (tests/test_weight_store.py).
 array([[1., 5., 9.]], dtype=float32)
 """
 
+import threading
+
 import ml_dtypes
 import numpy as np
 
@@ -179,7 +181,7 @@ def matmul_t(x, weight):
     # a block is converted into `buffer` when the weight is stored, or kept in another dtype than the
     # product's (half-precision weights in a float32 product)
     convert = stored or weight.dtype != x.dtype
-    buffer = (np if stored else xp).empty((min(rows, O), I), dtype=x.dtype) if convert else None
+    buffer = scratch((min(rows, O), I), x.dtype, xp if not stored else np) if convert else None
     for r0 in range(0, O, rows):
         r1 = min(O, r0 + rows)
         if stored:
@@ -193,6 +195,29 @@ def matmul_t(x, weight):
     if stored:
         weight.done()
     return out[None] if N == 1 else xp.ascontiguousarray(out.T)  # -> [N, out]
+
+
+_scratch = threading.local()   # per thread: {(module, dtype): flat buffer}, at most one block each
+
+
+def scratch(shape, dtype, xp=np):
+    """A reused buffer of `shape` for converted blocks: one per thread, array module and dtype, grown as
+    needed and never bigger than the largest block (PREFILL_BLOCK_BYTES). Reusing it spares a fresh
+    allocation, whose pages the system must fault in and zero, at every product."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    size = int(np.prod(shape))
+    key = (xp.__name__, np.dtype(dtype).str)
+    flat = buffers.get(key)
+    if flat is None or flat.size < size:
+        flat = buffers[key] = xp.empty(size, dtype=dtype)
+    return flat[:size].reshape(shape)
+
+
+def clear_scratch():
+    """Let this thread's conversion buffers go (they come back at the next product)."""
+    _scratch.buffers = {}
 
 
 def take_rows(weight, ids):
