@@ -231,13 +231,14 @@ def _along(rows, axis, ndim):
     return rows.reshape(shape)
 
 
-def compare_tensor(name, key, pass_index, x, y, valid, tolerance):
-    """The metrics of one tensor (x from A, y from the reference B) over the `valid` elements."""
+def compare_tensor(name, key, pass_index, x, y, valid, tolerance, logits_figures=True):
+    """The metrics of one tensor (x from A, y from the reference B) over the `valid` elements
+    (`logits_figures`: also top-k agreement, KL and top-p for the logits)."""
     is_mask = name.rsplit(".", 1)[-1] == "mask"
     if is_mask:  # compare which keys are allowed, not the value standing for "masked"
         x, y = (x == 0).astype(np.float64), (y == 0).astype(np.float64)
     top1 = top5 = kl = top_p = None
-    if name.rsplit(".", 1)[-1] == "logits" and x.ndim >= 2:
+    if logits_figures and name.rsplit(".", 1)[-1] == "logits" and x.ndim >= 2:
         rows = None if valid is None else valid[..., 0]
         top1, top5 = top_k_agreement(x, y, rows)
         kl, top_p = logits_divergence(x, y, rows)
@@ -270,8 +271,10 @@ def cosine(x, y):
     px, py = float(np.abs(x).max()) if x.size else 0.0, float(np.abs(y).max()) if y.size else 0.0
     if px == 0 or py == 0:
         return None
-    x, y = x / px, y / py
-    return float(np.dot(x, y) / math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y))))
+    if not (1e-100 < px < 1e100 and 1e-100 < py < 1e100):   # squares would leave float64's range
+        x, y = x / px, y / py
+    # subtle: sums, not np.dot: BLAS's threaded dot stalls for milliseconds per call on a busy machine
+    return float((x * y).sum() / math.sqrt(float((x * x).sum()) * float((y * y).sum())))
 
 
 def nmse_db(err, ref):

@@ -211,6 +211,7 @@ class _Recompute:
         self.dump, self.config, self.weights = dump, config, weights
         self.r = rounding(dump.dtype)
         self.wr = rounding(weight_dtype)   # the weights as the port holds them: rounded block by block
+        self._float64 = {}                 # weights in float64, kept while one name is isolated pass by pass
         self.mask = dump.attention_mask                                      # [B, N] or None
         names = [t["name"] for _, t in dump.entries()]
         self.prefix = "model." if any(n.startswith("model.") for n in names) else ""
@@ -243,14 +244,28 @@ class _Recompute:
 
     # the operations
 
+    def float64(self, weight, r0=0, r1=None):
+        """Rows r0:r1 of a weight as the port holds it, in float64 (whole weights up to 64 MB are kept
+        until `forget`, so that the passes of one name convert each weight once)."""
+        whole = r0 == 0 and (r1 is None or r1 >= weight.shape[0]) and weight.size * 8 <= 64 << 20
+        if whole and id(weight) in self._float64:
+            return self._float64[id(weight)]
+        w = self.wr(np.asarray(weight[r0:r1], dtype=np.float64))
+        if whole:
+            self._float64[id(weight)] = w
+        return w
+
+    def forget(self):
+        self._float64.clear()
+
     def linear(self, x, weight, bias=None, rows=8192):
         """r(x Wᵀ + b) in float64, W converted a block of rows at a time.  [..., in] -> [..., out]"""
         flat = x.reshape(-1, x.shape[-1])                                  # [N, in]
         out = np.empty((flat.shape[0], weight.shape[0]))                   # [N, out]
         for r0 in range(0, weight.shape[0], rows):
-            out[:, r0:r0 + rows] = flat @ self.wr(np.asarray(weight[r0:r0 + rows], dtype=np.float64)).T
+            out[:, r0:r0 + rows] = flat @ self.float64(weight, r0, r0 + rows).T
         if bias is not None:
-            out += self.wr(np.asarray(bias, dtype=np.float64))
+            out += self.float64(bias)
         return self.r(out).reshape(*x.shape[:-1], weight.shape[0])
 
     def rms_norm(self, x, weight):
@@ -258,7 +273,7 @@ class _Recompute:
         weight, as transformers' Qwen2RMSNorm does in half precision.  [..., D] -> [..., D]"""
         variance = (x * x).mean(axis=-1, keepdims=True)                    # [..., 1]
         h = self.r(x / np.sqrt(variance + self.config.rms_norm_eps))
-        return self.r(self.wr(np.asarray(weight, dtype=np.float64)) * h)
+        return self.r(self.float64(weight) * h)
 
     def tables(self, k):
         """cos, sin [B or 1, T, HD] of pass k: the dump's own if it records them, else computed."""
@@ -368,7 +383,7 @@ class _Recompute:
         if rest == "self_attn.head_out":
             context = self.get(f"{scope}.self_attn.context", k)                      # [B, T, H*HD]
             B, T, _ = context.shape
-            wo = self.wr(np.asarray(w("self_attn.o_proj.weight"), dtype=np.float64)).reshape(-1, H, HD)   # [D, H, HD]
+            wo = self.float64(w("self_attn.o_proj.weight")).reshape(-1, H, HD)                   # [D, H, HD]
             heads = context.reshape(B, T, H, HD)
             return self.r(np.einsum("bthk,dhk->bhtd", heads, wo))                    # -> [B, H, T, D]
         if rest == "self_attn.o_proj":
@@ -434,8 +449,18 @@ def isolate_dump(dump, model, policy=None, progress=None):
                      f"recomputed with the model's")
     recompute = _Recompute(dump, model.config, weights, weight_dtype)
     checks = []
-    for index, entry in dump.entries():
+    # name by name, each through every pass (so that each weight is converted once), reported in dump order
+    entries = dump.entries()
+    first, order = {}, {}
+    for i, (_, e) in enumerate(entries):
+        first.setdefault(e["name"], i)
+        order[e["key"]] = i
+    previous = None
+    for index, entry in sorted(entries, key=lambda ie: (first[ie[1]["name"]], ie[0])):
         name, key = entry["name"], entry["key"]
+        if name != previous:
+            recompute.forget()
+            previous = name
         recompute.used = []
         p = dump.passes[index]
         check = OpCheck(name=name, key=key, pass_index=index, inputs=[], position=p["start"] + p["length"] - 1)
@@ -453,12 +478,14 @@ def isolate_dump(dump, model, policy=None, progress=None):
         checks.append(check)
         if progress is not None:
             progress(check)
+    recompute.forget()
+    checks.sort(key=lambda c: order[c.key])
     return Isolation(dump, policy, checks, notes)
 
 
 def _measure(check, name, actual, expected, valid, dtype):
     """Fill `check`'s error figures: the comparison metrics, and the ulp figures in half precision."""
-    t = compare_tensor(name, check.key, check.pass_index, actual, expected, valid, math.inf)
+    t = compare_tensor(name, check.key, check.pass_index, actual, expected, valid, math.inf, logits_figures=False)
     check.compared, check.max_abs, check.rel, check.nmse_db = t.compared, t.max_abs, t.rel, t.nmse_db
     if dtype in _HALF and name.rsplit(".", 1)[-1] != "mask":
         x = np.asarray(actual if valid is None else actual[valid], dtype=np.float64).reshape(-1)
