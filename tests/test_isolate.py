@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-import qwen2np
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError
 from qwen2np.golden.compare import compare_dumps, format_report

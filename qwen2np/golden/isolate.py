@@ -277,13 +277,13 @@ class _Recompute:
 
     def tables(self, k):
         """cos, sin [B or 1, T, HD] of pass k: the dump's own if it records them, else computed."""
-        p = self.dump.passes[k]
         cos_name, sin_name = f"{self.prefix}rotary_emb.cos", f"{self.prefix}rotary_emb.sin"
         if self.has(cos_name, k) and self.has(sin_name, k):
             return self.get(cos_name, k), self.get(sin_name, k)
         return self.rotary(k)
 
     def rotary(self, k):
+        """cos, sin [1, T, HD] of pass k's positions, from the config, in float64 rounded to the dump's dtype."""
         p = self.dump.passes[k]
         positions = np.arange(p["start"], p["start"] + p["length"], dtype=np.int64)[None]   # [1, T]
         cos, sin = self._rotary(positions)                                  # [1, T, HD] float64
@@ -447,6 +447,10 @@ def isolate_dump(dump, model, policy=None, progress=None):
         fields = [f for f in mine if mine.get(f) != theirs.get(f)]
         notes.append(f"A declares another config than the model's ({', '.join(fields) or 'fingerprints differ'}): "
                      f"recomputed with the model's")
+    file_type = (dump.manifest.get("model") or {}).get("file_type")
+    if file_type and file_type not in ("F32", "F16", "BF16") and policy.name in ("float32", "float64"):
+        notes.append(f"A ran on {file_type} weights, whose products quantize their activations: --policy "
+                     f"{'q8_0' if file_type.upper().startswith('Q8') else 'q4_k_m'} holds them to what that costs")
     recompute = _Recompute(dump, model.config, weights, weight_dtype)
     checks = []
     # name by name, each through every pass (so that each weight is converted once), reported in dump order
