@@ -342,9 +342,10 @@ BF16_BUGS = {"eps outside the square root": (eps_outside_the_root, ["model.layer
 
 
 @pytest.fixture(scope="module")
-def bf16_ports(oracle, dt, test_gguf, real_ids):
-    """Dumps of transformers' bfloat16 model of the real checkpoint (from_pretrained(dtype=torch.bfloat16)),
-    as it is and with each planted bug; the model is let go before the tests isolate them."""
+def half_ports(oracle, dt, test_gguf, real_ids):
+    """Dumps of transformers' half-precision models of the real checkpoint (from_pretrained(dtype=...)):
+    bfloat16 as it is ("correct") and with each planted bug, and float16; each model is let go before the
+    next is loaded and before the tests isolate the dumps."""
     import gc
 
     import torch
@@ -358,32 +359,38 @@ def bf16_ports(oracle, dt, test_gguf, real_ids):
             dumps[bug] = dt.record_dump(model, real_ids, decode_steps=2)
     del model
     gc.collect()
+    model = oracle.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16, attn_implementation="eager")
+    dumps["float16"] = dt.record_dump(model.eval(), real_ids, decode_steps=2)
+    del model
+    gc.collect()
     return dumps
 
 
 @pytest.mark.oracle
 @pytest.mark.checkpoint
 @pytest.mark.slow
-def test_transformers_bfloat16_is_a_correct_bfloat16_implementation(bf16_ports, real_model, real_reference):
-    dump = bf16_ports["correct"]
-    assert dump.dtype == "bfloat16"
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_transformers_in_half_precision_is_a_correct_half_precision_implementation(half_ports, real_model,
+                                                                                    real_reference, dtype):
+    dump = half_ports["correct" if dtype == "bfloat16" else dtype]
+    assert dump.dtype == dtype
     c = compare_dumps(dump, real_reference)
-    assert c.policy.name == "bfloat16" and c.ok, format_report(c, brief=True)
+    assert c.policy.name == dtype and c.ok, format_report(c, brief=True)
     assert not compare_dumps(dump, real_reference, policy="float32").ok     # the float32 policy is not for it
     isolation = isolate_dump(dump, real_model)
     assert isolation.ok and not isolation.not_isolated, format_isolation(isolation, brief=True)
-    assert "rounded to bfloat16" in isolation.notes[0]
+    assert f"rounded to {dtype}" in isolation.notes[0]
 
 
 @pytest.mark.oracle
 @pytest.mark.checkpoint
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", list(BF16_BUGS))
-def test_a_bfloat16_bug_at_the_per_mille_level_is_isolated(bf16_ports, real_model, real_reference, bug):
+def test_a_bfloat16_bug_at_the_per_mille_level_is_isolated(half_ports, real_model, real_reference, bug):
     """Two planted bugs far below bfloat16's rounding step (4e-3), in transformers' own bfloat16 model: the
     comparison with a reference cannot tell them from rounding, isolation in the port's precision names
     exactly the tensors they make, in every pass."""
-    dump = bf16_ports[bug]
+    dump = half_ports[bug]
     isolation = isolate_dump(dump, real_model)
     assert root_causes(isolation) == BF16_BUGS[bug][1], format_isolation(isolation, brief=True)
     assert {c.pass_index for c in isolation.root_causes} == {0, 1, 2}

@@ -191,3 +191,31 @@ def test_a_planted_rope_theta_on_the_llama_cpp_side_is_caught_and_isolated(llama
     assert compare_dumps(planted, ours, policy="q4_k_m").ok        # hidden in the quantization error
     isolation = isolate_dump(planted, real_model, "q4_k_m")
     assert sorted({r.name for r in isolation.root_causes}) == expected, format_isolation(isolation, brief=True)
+
+
+def run(*command):
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.oracle
+@pytest.mark.checkpoint
+@pytest.mark.slow
+def test_llama_cpp_on_q8_0_from_the_command_line(llama_cpp, test_gguf, ids, tmp_path):
+    """The Q8_0 conversion, end to end with the commands of docs/porting.md: llama.cpp's dump, qwen2np's
+    reference on the same file (named in the dump's manifest), compare and isolate under --policy q8_0."""
+    script = ROOT / "scripts" / "dump_llama_cpp.py"
+    r = run(sys.executable, script, "--model", test_gguf, "--ids", json.dumps(ids.tolist()), "--decode-steps", "2",
+            "--requantize", "Q8_0", "--out", tmp_path / "llama")
+    assert r.returncode == 0, r.stderr[-3000:]
+    q8 = read_dump(tmp_path / "llama").manifest["model"]
+    assert q8["file_type"] == "Q8_0" and Path(q8["path"]).is_file()
+    r = run(sys.executable, "-m", "qwen2np", "dump", "--model", q8["path"], "--tokenizer", test_gguf, "--ids",
+            json.dumps(ids.tolist()), "--decode-steps", "2", "--out", tmp_path / "reference")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(sys.executable, "-m", "qwen2np", "compare", tmp_path / "llama", tmp_path / "reference", "--policy", "q8_0",
+            "--isolate", "--brief")
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    assert "ok: consistent with a correct q8_0 implementation" in r.stdout
+    assert "operations isolated agree with their recomputation (q8_0 policy)" in r.stdout
+    r = run(sys.executable, "-m", "qwen2np", "compare", tmp_path / "llama", tmp_path / "reference", "--brief")
+    assert r.returncode == 1 and "--policy q8_0" in r.stdout
