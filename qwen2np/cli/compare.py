@@ -109,4 +109,9 @@ def _isolate(dump, model_path, policy):
     if not path:
         raise DumpError(f"{dump.folder}: its manifest names no checkpoint; give --model the port's checkpoint")
     model = Qwen2ForCausalLM.from_pretrained(resolve_model_path(path))
-    return isolate_dump(dump, model, policy)
+    isolation = isolate_dump(dump, model, policy)
+    if len(isolation.not_isolated) == len(isolation.checks):
+        first = isolation.checks[0]
+        raise DumpError(f"{dump.folder}: no operation can be isolated: each needs inputs A does not record "
+                        f"(e.g. {first.key} {first.missing}); dump the inputs too (docs/porting.md)")
+    return isolation

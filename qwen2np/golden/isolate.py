@@ -65,8 +65,8 @@ from ..errors import DumpError
 from ..masks import build_attention_bias
 from ..rope import RotaryEmbedding
 from .compare import _json_safe, compare_tensor, valid_elements
-from .fingerprint import weight_digest
-from .policies import policy_named, default_policy
+from .fingerprint import architecture, config_fingerprint, weight_digest
+from .policies import default_policy, policy_named
 
 _HALF = {"bfloat16", "float16"}
 
@@ -213,8 +213,8 @@ class _Recompute:
         self.wr = rounding(weight_dtype)   # the weights as the port holds them: rounded block by block
         self._float64 = {}                 # weights in float64, kept while one name is isolated pass by pass
         self.mask = dump.attention_mask                                      # [B, N] or None
-        names = [t["name"] for _, t in dump.entries()]
-        self.prefix = "model." if any(n.startswith("model.") for n in names) else ""
+        # intermediates and weights of a head's base model carry "model." (a bare Qwen2Model's do not)
+        self.prefix = "model." if "model.embed_tokens.weight" in weights else ""
         self.used = []
         self._rotary = RotaryEmbedding(config, np.float64)
 
@@ -440,8 +440,6 @@ def isolate_dump(dump, model, policy=None, progress=None):
     weights, weight_dtype, weights_note = port_weights(model, dump)
     notes = [weights_note]
     declared = (dump.manifest.get("model") or {}).get("config_fingerprint")
-    from .fingerprint import architecture, config_fingerprint
-
     if declared and declared != config_fingerprint(model.config):
         mine, theirs = architecture(model.config), (dump.manifest.get("model") or {}).get("config") or {}
         fields = [f for f in mine if mine.get(f) != theirs.get(f)]
