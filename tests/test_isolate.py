@@ -256,6 +256,40 @@ def test_a_hand_made_half_precision_dump(model):
     assert isolate_dump(dump, model).ok
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_qwen2np_s_own_half_precision_modes_are_correct_half_precision_implementations(model, tmp_path, dtype):
+    """qwen2np computing in bfloat16 or float16 (another implementation of the recipe than transformers'):
+    every operation agrees with its rounded recomputation, with the weights recognised rounded; and a
+    planted 1e-3 error in one norm is named."""
+    model.save_pretrained(tmp_path / "tiny")
+    half = Qwen2ForCausalLM.from_pretrained(tmp_path / "tiny", dtype=dtype)
+    ids = np.random.default_rng(1).integers(1, 48, (1, 40))
+    isolation = isolate_dump(record_dump(half, ids, decode_steps=2), model)
+    assert isolation.ok and not isolation.not_isolated, format_isolation(isolation, brief=True)
+    assert f"rounded to {dtype}" in isolation.notes[0]
+    # subtle: the error must come before the rounding, as a bug in the arithmetic would; scaling the rounded
+    # output by 1.001 changes nothing in bfloat16 (its half-step is 2e-3 to 4e-3)
+    import qwen2np.modeling as modeling
+
+    calls, original = [0], modeling.rms_norm
+    per_pass = 2 * model.config.num_hidden_layers + 1        # two per layer, then the final norm
+
+    def rms_norm(x, weight, eps):
+        calls[0] += 1
+        if (calls[0] - 1) % per_pass != 5:                   # layer 2's post_attention_layernorm
+            return original(x, weight, eps)
+        h = x.astype(np.float32)
+        h = h / np.sqrt((h * h).mean(-1, keepdims=True) + np.float32(eps)) * np.float32(1.001)
+        return weight * h.astype(x.dtype)
+
+    modeling.rms_norm = rms_norm
+    try:
+        bad = record_dump(half, ids, decode_steps=2)
+    finally:
+        modeling.rms_norm = original
+    assert root_causes(isolate_dump(bad, model)) == ["model.layers.2.post_attention_layernorm"]
+
+
 @pytest.mark.oracle
 def test_transformers_to_bfloat16_rounds_rope_s_inv_freq_and_isolation_names_it(dt, oracle, model, tmp_path):
     """A real half-precision trap: float32 then .to(bfloat16) also rounds the rotary embedding's inv_freq
