@@ -2,7 +2,7 @@
 
 A checkpoint's tensors arrive as `StoredTensor`s (qwen2np/io/stored.py): bytes in a memory-mapped file,
 in their own format (F32, F16, BF16, F64, or GGUF blocks such as Q4_K). The model holds each weight in
-one of two ways, as qwen2np/budget.py plans it within the memory budget:
+one of these ways, as qwen2np/budget.py plans it within the memory budget (docs/weights.md):
 
 * **kept**: an array in the compute dtype, made once when loading. When the file already stores the
   compute dtype (a float32 file for a float32 model), that array is the memory map itself: no copy.
@@ -30,7 +30,7 @@ import numpy as np
 from .backend import array_module
 
 __all__ = ["PLAIN_KINDS", "convert_rows", "convert_whole", "StoredWeight", "matmul_t", "take_rows", "as_array",
-           "block_rows", "hold_weights", "reads_file"]
+           "block_rows", "hold_weights", "reads_file", "scratch", "clear_scratch"]
 
 # stored formats that are plain little-endian values
 PLAIN_KINDS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
