@@ -25,6 +25,9 @@ output" means (also in notebooks/README.md):
 * A PNG must have the same size within 2 % on each side; when the sizes are equal, the mean absolute
   pixel difference must be at most 2 % of full scale (matplotlib's antialiasing differs slightly
   between versions; a changed plot moves far more).
+* A cell tagged `nbcheck-rounding` prints `compare` reports of float rounding (float32 against
+  float64, a port against qwen2np): there the NMSE in decibels (the negative numbers in fixed notation)
+  is compared within 10 dB, the same factor of 10 as the errors themselves; everything else as above.
 * A cell tagged `nbcheck-varies` (timings and memory measured live, e.g. the KV cache's speed) is
   checked for the kinds and number of its outputs only.
 """
@@ -41,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 VARIES = "nbcheck-varies"
+ROUNDING = "nbcheck-rounding"
 # Seconds per cell: a cell takes at most ~30 s on a quiet 2-core machine (loading the GGUF); the machines
 # are shared, so the limit leaves a wide margin and only catches a cell that hangs.
 CELL_TIMEOUT = 900
@@ -75,13 +79,16 @@ def split_numbers(text):
     return _NUMBER.sub("#", text), numbers
 
 
-def numbers_agree(a, b):
-    """Whether two printed numbers agree under the stated tolerance (module docstring).
+def numbers_agree(a, b, rounding=False):
+    """Whether two printed numbers agree under the stated tolerance (module docstring); `rounding` for a
+    cell tagged nbcheck-rounding.
 
     >>> numbers_agree("0.613", "0.614"), numbers_agree("0.613", "0.62"), numbers_agree("3", "4")
     (True, False, False)
     >>> numbers_agree("1.2e-07", "8.0e-07"), numbers_agree("1.2e-07", "2.0e-05"), numbers_agree("0.0e+00", "1e-9")
     (True, False, False)
+    >>> numbers_agree("-117.4", "-116.2"), numbers_agree("-117.4", "-116.2", rounding=True), numbers_agree("-117.4", "-104.0", rounding=True)
+    (False, True, False)
     """
     if a == b:
         return True
@@ -96,6 +103,8 @@ def numbers_agree(a, b):
         return max(abs(x), abs(y)) <= 10 * min(abs(x), abs(y))
     if not fixed:
         return False                                       # integers: exactly
+    if rounding and (x < 0 or y < 0):
+        return abs(x - y) <= 10                            # NMSE in dB: within a factor of 10
     decimals = max(len(s.split(".")[1]) if "." in s else 0 for s in (a, b))
     return abs(x - y) <= 1.5 * 10.0 ** -decimals + 1e-3 * max(abs(x), abs(y))
 
@@ -122,7 +131,7 @@ def _outputs(cell):
     return items
 
 
-def _compare_text(where, a, b):
+def _compare_text(where, a, b, rounding=False):
     (ta, na), (tb, nb) = split_numbers(sanitise(a)), split_numbers(sanitise(b))
     if ta != tb or len(na) != len(nb):
         lines_a, lines_b = ta.splitlines(), tb.splitlines()
@@ -130,7 +139,7 @@ def _compare_text(where, a, b):
             if la != lb:
                 return [f"{where}: line {i + 1} reads {lb!r}, committed {la!r}"]
         return [f"{where}: {len(lines_b)} lines, committed {len(lines_a)}"]
-    bad = [(x, y) for x, y in zip(na, nb) if not numbers_agree(x, y)]
+    bad = [(x, y) for x, y in zip(na, nb) if not numbers_agree(x, y, rounding)]
     if bad:
         x, y = bad[0]
         return [f"{where}: the number {y} was {x} when committed ({len(bad)} number(s) out of tolerance)"]
@@ -165,10 +174,12 @@ def compare_notebooks(committed, fresh, name="notebook"):
         if [k for k, _ in ia] != [k for k, _ in ib]:
             problems.append(f"{where}: outputs {[k for k, _ in ib]}, committed {[k for k, _ in ia]}")
             continue
-        if VARIES in a.get("metadata", {}).get("tags", []):
+        tags = a.get("metadata", {}).get("tags", [])
+        if VARIES in tags:
             continue
         for (kind, x), (_, y) in zip(ia, ib):
-            problems += _compare_png(where, x, y) if kind == "png" else _compare_text(f"{where} ({kind})", x, y)
+            problems += _compare_png(where, x, y) if kind == "png" else \
+                _compare_text(f"{where} ({kind})", x, y, ROUNDING in tags)
     return problems
 
 

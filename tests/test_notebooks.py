@@ -6,7 +6,8 @@ naming the cell. The fresh outputs are then compared with the committed ones und
 in scripts/notebooks.py and notebooks/README.md (paths, durations, addresses and versions sanitised;
 integers exact; printed decimals within one unit of their last digit plus 0.1 %; rounding errors
 printed in scientific notation within a factor of 10; images of the same size within 2 %, pixels within
-2 % on average; cells tagged `nbcheck-varies` only by the kinds of their outputs).
+2 % on average; in cells tagged `nbcheck-rounding`, NMSE in dB within 10 dB; cells tagged
+`nbcheck-varies` only by the kinds of their outputs).
 
 The notebooks load the real test checkpoint through `resolve_model_path("test")`: the `test_gguf`
 fixture's path is handed to the kernel in $QWEN2NP_TEST_CHECKPOINT, so in CI a missing checkpoint fails
@@ -141,6 +142,15 @@ def test_the_output_check_accepts_what_may_differ_and_names_what_may_not():
     assert script.compare_notebooks(committed, fresh("p = 0.613, ids [9707, 1879], err 3.0e-05\n"))
     assert "image differs by" in script.compare_notebooks(committed, fresh(colour=(200, 20, 30)))[0]
     assert "image of 60x30 pixels, committed 40x30" in script.compare_notebooks(committed, fresh(size=(60, 30)))[0]
+    # a cell tagged nbcheck-rounding: NMSE in dB (negative, fixed notation) within 10 dB
+    report = _notebook(nbformat, ("report", [_stdout(nbformat, "q_proj  3.3e-06  -148.9  2.0e-04  ok\n")]))
+    moved = copy.deepcopy(report)
+    moved.cells[0].outputs = [_stdout(nbformat, "q_proj  4.1e-06  -146.2  2.0e-04  ok\n")]
+    assert "the number -146.2 was -148.9" in script.compare_notebooks(report, moved)[0]
+    report.cells[0].metadata["tags"] = ["nbcheck-rounding"]
+    assert script.compare_notebooks(report, moved) == []
+    moved.cells[0].outputs = [_stdout(nbformat, "q_proj  4.1e-06  -120.0  2.0e-04  ok\n")]
+    assert "the number -120.0 was -148.9" in script.compare_notebooks(report, moved)[0]
     # a cell tagged nbcheck-varies: only the kinds of its outputs
     committed.cells[1].metadata["tags"] = ["nbcheck-varies"]
     assert script.compare_notebooks(committed, fresh(colour=(200, 20, 30))) == []
