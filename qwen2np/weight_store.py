@@ -22,7 +22,9 @@ two give bitwise the same result (tests/test_weight_store.py).
 array([[1., 5., 9.]], dtype=float32)
 """
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -38,13 +40,14 @@ PLAIN_KINDS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("
 
 CHUNK_BYTES = 16 * 2**20   # stored bytes converted per step when a whole tensor is converted ahead of time
 
-# Converted bytes per block of weight rows. A decode step (a few rows of x) converts blocks that stay in
-# the processor's cache (DECODE_BLOCK_BYTES: 4 MB, within the last-level cache, and few enough blocks that
-# the Python loop costs little) right before their product; a prefill, whose products are long, converts
-# bigger blocks (PREFILL_BLOCK_BYTES) so that each product is big enough to run at full speed.
-DECODE_BLOCK_BYTES = 1 << 22
+# Converted bytes per block of weight rows. A decode step (one row of x) converts blocks that stay in a
+# core's cache (DECODE_BLOCK_BYTES: 1 MB, half of this machine's L2) right before their product, small
+# enough that OpenBLAS computes each product in the calling thread (a bigger one wakes OpenBLAS's own
+# threads, which then spin against the next block's conversion: 4 to 20 times slower, measured); a
+# prefill, whose products are long, converts bigger blocks (PREFILL_BLOCK_BYTES) so that each product is
+# big enough to run at full speed on OpenBLAS's threads.
+DECODE_BLOCK_BYTES = 1 << 20
 PREFILL_BLOCK_BYTES = 1 << 25
-PREFILL_ROWS = 16            # N (rows of x) from which a product counts as a prefill
 
 
 def convert_rows(stored, r0, r1, dtype, out=None):
@@ -156,45 +159,91 @@ class StoredWeight:
 
 
 def block_rows(n, in_features, itemsize):
-    """Weight rows per block of a product with n rows of x (the same for a kept and a stored weight)."""
-    budget = PREFILL_BLOCK_BYTES if n >= PREFILL_ROWS else DECODE_BLOCK_BYTES
-    return max(1, budget // (in_features * itemsize))
+    """Weight rows per block of a product with n rows of x: a multiple of 16 for one row (see matmul_t)."""
+    if n == 1:
+        return max(16, DECODE_BLOCK_BYTES // (in_features * itemsize) // 16 * 16)
+    return max(1, PREFILL_BLOCK_BYTES // (in_features * itemsize))
 
 
 def matmul_t(x, weight):
     """x · Wᵀ: x [N, in], W [out, in] (an array, or a StoredWeight) -> [N, out].
 
-    Computed as W · xᵀ a block of W's rows at a time, each block's product filling whole rows of the
-    [out, N] result (for one row of x, a matrix-vector product into [out]): the orientation in which
-    OpenBLAS runs fastest here for blocks converted per use (docs/weights.md).
+    One row of x (a decode step): a matrix-vector product W · x. A weight kept in the product's dtype is
+    one call, which OpenBLAS spreads over its threads; a weight converted per use goes a small block of
+    rows at a time (DECODE_BLOCK_BYTES, a multiple of 16 rows), each block converted and multiplied by
+    one of decode_workers() threads side by side, small enough that OpenBLAS computes it in that thread.
+    Several rows (a prefill): x · Wᵀ a big block of rows at a time (PREFILL_BLOCK_BYTES) into columns of
+    the result, OpenBLAS splitting each product; a kept weight goes in the same blocks.
 
-    subtle: a kept weight's product is computed in the same blocks as a converted one's, each block by
-    the same call, so that converting per use changes no bit of the result (tests hold the two equal).
+    subtle: the same bits either way. A matrix-vector product gives every row the same result whether
+    the rows come in one call or in blocks of a multiple of 16 (measured on every shape of these models;
+    tests/test_weight_store.py holds it), and a matrix product is computed in the very same blocks for a
+    kept weight as for a converted one (blocks would change its bits otherwise).
     """
     xp = array_module(x)
     N, I = x.shape
     O = weight.shape[0]
-    rows = block_rows(N, I, x.dtype.itemsize)
     stored = isinstance(weight, StoredWeight)
-    xt = x[0] if N == 1 else xp.ascontiguousarray(x.T)           # [in] or [in, N]
-    out = xp.empty((O,) if N == 1 else (O, N), dtype=x.dtype)     # [out] or [out, N]
-    # a block is converted into `buffer` when the weight is stored, or kept in another dtype than the
-    # product's (half-precision weights in a float32 product)
+    # a block is converted (into a per-thread buffer) when the weight is stored, or kept in another dtype
+    # than the product's (half-precision weights in a float32 product)
     convert = stored or weight.dtype != x.dtype
-    buffer = scratch((min(rows, O), I), x.dtype, xp if not stored else np) if convert else None
-    for r0 in range(0, O, rows):
-        r1 = min(O, r0 + rows)
-        if stored:
-            block = xp.asarray(weight.rows(r0, r1, out=buffer[:r1 - r0]))
-        elif convert:
-            block = buffer[:r1 - r0]
-            block[...] = weight[r0:r1]                             # exact: half precision widened
-        else:
-            block = weight[r0:r1]
-        xp.matmul(block, xt, out=out[r0:r1])                       # [rows, in] @ [in(, N)] -> [rows(, N)]
+    if N == 1 and not convert:
+        return (weight @ x[0])[None]                              # [out, in] @ [in] -> [1, out]
+    rows = block_rows(N, I, x.dtype.itemsize)
+    out = xp.empty((O,) if N == 1 else (N, O), dtype=x.dtype)
+
+    def products(blocks):
+        buffer = scratch((min(rows, O), I), x.dtype, xp if not stored else np) if convert else None
+        for r0, r1 in blocks:
+            if stored:
+                block = xp.asarray(weight.rows(r0, r1, out=buffer[:r1 - r0]))
+            elif convert:
+                block = buffer[:r1 - r0]
+                block[...] = weight[r0:r1]                         # exact: half precision widened
+            else:
+                block = weight[r0:r1]
+            if N == 1:
+                xp.matmul(block, x[0], out=out[r0:r1])             # [rows, in] @ [in] -> [rows]
+            else:
+                xp.matmul(x, block.T, out=out[:, r0:r1])           # [N, in] @ [in, rows] -> [N, rows]
+
+    blocks = [(r0, min(O, r0 + rows)) for r0 in range(0, O, rows)]
+    workers = decode_workers() if N == 1 and xp is np and len(blocks) > 1 else 1
+    if workers == 1:
+        products(blocks)
+    else:   # contiguous shares, one per worker: each reads its own run of the weight's bytes
+        share = -(-len(blocks) // workers)
+        done = [_pool(workers).submit(products, blocks[i:i + share]) for i in range(share, len(blocks), share)]
+        products(blocks[:share])
+        for future in done:
+            future.result()
     if stored:
         weight.done()
-    return out[None] if N == 1 else xp.ascontiguousarray(out.T)  # -> [N, out]
+    return out[None] if N == 1 else out                            # -> [N, out]
+
+
+DECODE_WORKERS = None   # threads of a decode step's products: None = the CPUs this process may use
+_pools = {}
+_pools_lock = threading.Lock()
+
+
+def decode_workers():
+    if DECODE_WORKERS is not None:
+        return max(1, int(DECODE_WORKERS))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(workers):
+    """qwen2np's own worker threads for a decode step's products (workers - 1 of them: the calling thread
+    takes a share too). Made on first use, kept for the process; they hold no state between products."""
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers - 1, thread_name_prefix="qwen2np-product")
+        return pool
 
 
 _scratch = threading.local()   # per thread: {(module, dtype): flat buffer}, at most one block each

@@ -240,3 +240,13 @@ def test_a_forward_pass_too_big_for_the_budget_is_refused_before_it_starts(folde
     assert cache.get_seq_length() == seen
     unlimited = Qwen2ForCausalLM.from_pretrained(folder)          # no budget given: what the machine has
     assert unlimited(long[:1, :600]).logits.shape == (1, 600, TINY["vocab_size"])
+
+
+@pytest.mark.parametrize("shape", [(4864, 896), (896, 4864), (1000, 1000), (152, 3584)])
+@pytest.mark.parametrize("rows", [16, 64, 272])
+def test_a_matrix_vector_product_in_blocks_of_16_rows_equals_one_call(shape, rows):
+    """What lets a kept weight's decode product be one call while a converted one goes in blocks."""
+    w = RNG.standard_normal(shape, dtype=np.float32)
+    v = RNG.standard_normal(shape[1], dtype=np.float32)
+    blocks = np.concatenate([w[r:r + rows] @ v for r in range(0, shape[0], rows)])
+    assert np.array_equal(blocks, w @ v)
