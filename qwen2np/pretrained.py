@@ -95,14 +95,14 @@ class Qwen2PreTrainedModel:
         `model.weight_plan.description` says what was chosen. `config_overrides` set config fields, e.g.
         `num_labels=3` for a classifier.
         """
-        from .budget import available_memory, parse_memory, plan_weights
+        from .budget import default_budget, parse_memory, plan_weights
         from .hub import resolve_model_path
         from .io import open_checkpoint
         from .io.stored import StoredTensor
         from .weight_store import hold_weights, reads_file
 
         dtype = resolve_dtype(dtype)
-        budget = available_memory() if max_memory is None else parse_memory(max_memory)
+        budget = default_budget() if max_memory is None else parse_memory(max_memory)
         checkpoint = open_checkpoint(resolve_model_path(path))
         config = Qwen2Config.from_dict({**checkpoint.config, **config_overrides})
         tensors = cls._params_from_checkpoint(config, checkpoint.tensors, checkpoint.origin, checkpoint.path,
