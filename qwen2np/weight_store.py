@@ -47,7 +47,7 @@ CHUNK_BYTES = 16 * 2**20   # stored bytes converted per step when a whole tensor
 # prefill, whose products are long, converts bigger blocks (PREFILL_BLOCK_BYTES) so that each product is
 # big enough to run at full speed on OpenBLAS's threads.
 DECODE_BLOCK_BYTES = 1 << 20
-PREFILL_BLOCK_BYTES = 1 << 25
+PREFILL_BLOCK_BYTES = 1 << 27
 
 
 def convert_rows(stored, r0, r1, dtype, out=None):
