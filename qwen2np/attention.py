@@ -131,5 +131,6 @@ def self_attention(x, p, cos, sin, mask, cache_layer, num_heads, num_kv_heads, h
             # subtle: an edit of head_out replaces the attention output: o_proj becomes the sum over heads
             # of what the edit returned. Recording alone (or an edit that returns its argument) changes
             # nothing: o_proj stays the product above, bit for bit (docs/intermediates.md)
-            out = edited.sum(axis=1)                                 # [B, H, T, D] -> [B, T, D]
+            acc = accumulation_dtype(edited.dtype)                   # half precision: summed in float32
+            out = edited.astype(acc, copy=False).sum(axis=1).astype(edited.dtype)   # [B, H, T, D] -> [B, T, D]
     return tap(scope, "o_proj", out), probs                          # [B, T, D]
