@@ -61,7 +61,12 @@ def run(args):
         return _session(args, model, tokenizer, kwargs)
     finally:
         if hasattr(sys.stdin, "reconfigure") and errors is not None:
-            sys.stdin.reconfigure(errors=errors)
+            try:
+                sys.stdin.reconfigure(errors=errors)
+            except (OSError, ValueError):
+                # subtle: once a stream has been read, Python refuses to change its error handler (an
+                # io.UnsupportedOperation): the rest of this process reads stdin with surrogateescape
+                pass
 
 
 def _session(args, model, tokenizer, kwargs):
