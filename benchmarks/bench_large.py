@@ -4,7 +4,7 @@
     python benchmarks/bench_large.py --model /tmp/qwen2-7b-synthetic [--rounds 1] [--json out.json]
 
 Each side runs in its own fresh subprocess, one after the other (alternating in the order of --sides,
-round after round), and measures: the load time, the peak RSS of the process (ru_maxrss: the weights
+round after round), and measures: the load time, the peak RSS of the process (VmHWM: the weights
 mapped in, conversions, activations; it includes the interpreter), a 64-token prefill (all logits, as a
 forward call gives them) and one decode step through the KV cache after it (the median of --steps). Before
 timing, one forward pass touches every weight, so that pages the system dropped from its cache are read
@@ -70,9 +70,19 @@ def worker(side, model_path, steps, max_memory):
         t0 = time.perf_counter()
         cache = forward(ids[:, PREFILL + i:PREFILL + i + 1], cache)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"side": side, "load_s": load, "prefill_s": prefill, "decode_s": statistics.median(times),
                       "decode_all_s": times, "peak_rss_bytes": peak, "weights": plan}))
+
+
+def peak_rss():
+    """This process's peak resident set, in bytes: VmHWM (ru_maxrss would carry over the peak of a big
+    parent across exec); ru_maxrss where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_side(side, args):

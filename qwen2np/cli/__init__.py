@@ -190,6 +190,9 @@ def main(argv=None):
             if real_stdout is None and command in _WRITES_STDOUT:
                 raise CommandLineError("stdout is closed: this command prints its result there; "
                                        "redirect it to a file or /dev/null instead of closing it")
+            from ..memory import apply_environment
+
+            apply_environment(default=True)   # the command line owns its process: keep freed memory (memory.py)
             status = _module(command).run(args) or 0
             if sys.stdout is not None:
                 sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
