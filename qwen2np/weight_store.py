@@ -169,16 +169,20 @@ def matmul_t(x, weight):
     """x · Wᵀ: x [N, in], W [out, in] (an array, or a StoredWeight) -> [N, out].
 
     One row of x (a decode step): a matrix-vector product W · x. A weight kept in the product's dtype is
-    one call, which OpenBLAS spreads over its threads; a weight converted per use goes a small block of
+    one call (when its rows are a multiple of 16; see below), which OpenBLAS spreads over its threads; a weight converted per use goes a small block of
     rows at a time (DECODE_BLOCK_BYTES, a multiple of 16 rows), each block converted and multiplied by
     one of decode_workers() threads side by side, small enough that OpenBLAS computes it in that thread.
     Several rows (a prefill): x · Wᵀ a big block of rows at a time (PREFILL_BLOCK_BYTES) into columns of
     the result, OpenBLAS splitting each product; a kept weight goes in the same blocks.
 
-    subtle: the same bits either way. A matrix-vector product gives every row the same result whether
-    the rows come in one call or in blocks of a multiple of 16 (measured on every shape of these models;
-    tests/test_weight_store.py holds it), and a matrix product is computed in the very same blocks for a
-    kept weight as for a converted one (blocks would change its bits otherwise).
+    subtle: the same bits either way, so that a model's numbers do not depend on its memory budget. A
+    matrix-vector product over a multiple of 16 rows gives every row the same result in one call as in
+    blocks of a multiple of 16 rows (measured with OpenBLAS's Haswell, Zen, SkylakeX and SapphireRapids
+    kernels, on 1 to 4 threads; tests/test_weight_store.py holds it). Other row counts do not: OpenBLAS
+    treats the last rows of a call with other kernels, so a 17-row product's last row differs in the last
+    bit from the same row computed alone. So a kept weight is one call only when its rows are a multiple
+    of 16 (every weight of a Qwen2 checkpoint); otherwise, and for every matrix product, it goes in the
+    very same blocks as a converted one.
     """
     xp = array_module(x)
     N, I = x.shape
@@ -187,7 +191,7 @@ def matmul_t(x, weight):
     # a block is converted (into a per-thread buffer) when the weight is stored, or kept in another dtype
     # than the product's (half-precision weights in a float32 product)
     convert = stored or weight.dtype != x.dtype
-    if N == 1 and not convert:
+    if N == 1 and not convert and O % 16 == 0:
         return (weight @ x[0])[None]                              # [out, in] @ [in] -> [1, out]
     rows = block_rows(N, I, x.dtype.itemsize)
     out = xp.empty((O,) if N == 1 else (N, O), dtype=x.dtype)
