@@ -26,17 +26,13 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import ml_dtypes
 import numpy as np
 
 from .backend import array_module
+from .io.stored import PLAIN_KINDS
 
 __all__ = ["PLAIN_KINDS", "convert_rows", "convert_whole", "StoredWeight", "matmul_t", "take_rows", "as_array",
            "block_rows", "hold_weights", "reads_file", "scratch", "clear_scratch"]
-
-# stored formats that are plain little-endian values
-PLAIN_KINDS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-               "BF16": np.dtype(ml_dtypes.bfloat16)}
 
 CHUNK_BYTES = 16 * 2**20   # stored bytes converted per step when a whole tensor is converted ahead of time
 
@@ -70,10 +66,10 @@ def convert_rows(stored, r0, r1, dtype, out=None):
     dtype = np.dtype(dtype)
     if out is None:
         out = np.empty((n, C), dtype)
-    raw = stored.raw_rows(r0, r1)
     if stored.kind in PLAIN_KINDS:
-        out[...] = raw.view(PLAIN_KINDS[stored.kind]).reshape(n, C)
+        out[...] = stored.values[r0:r1]
     else:
+        raw = stored.raw_rows(r0, r1)
         from .io.gguf_file import dequantize_rows, import_gguf
 
         gguf = import_gguf()

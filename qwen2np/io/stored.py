@@ -25,12 +25,18 @@ import mmap
 import os
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import CheckpointError
 
-__all__ = ["MappedFile", "StoredTensor", "open_safetensors"]
+__all__ = ["PLAIN_KINDS", "MappedFile", "StoredTensor", "open_safetensors"]
+
+# stored formats that are plain little-endian values
+PLAIN_KINDS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+               "BF16": np.dtype(ml_dtypes.bfloat16)}
 
 
 class MappedFile:
@@ -93,7 +99,7 @@ class StoredTensor:
     nbytes: int            # stored bytes
     origin: str            # where it came from, for messages: "model-00001-of-00004.safetensors"
 
-    @property
+    @cached_property
     def num_rows(self):
         return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
 
@@ -101,9 +107,17 @@ class StoredTensor:
     def num_columns(self):
         return self.shape[-1] if self.shape else 1
 
-    @property
+    @cached_property
     def row_nbytes(self):
         return self.nbytes // self.num_rows if self.num_rows else 0
+
+    @cached_property
+    def values(self):
+        """A plain format's values as a read-only [rows, columns] view of the map (nothing is read until
+        it is indexed); None for GGUF blocks. Made once: a decode step slices it thousands of times."""
+        if self.kind not in PLAIN_KINDS:
+            return None
+        return self.raw_rows(0, self.num_rows).view(PLAIN_KINDS[self.kind]).reshape(self.num_rows, self.num_columns)
 
     @property
     def size(self):
