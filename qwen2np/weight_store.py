@@ -66,6 +66,8 @@ def convert_rows(stored, r0, r1, dtype, out=None):
     dtype = np.dtype(dtype)
     if out is None:
         out = np.empty((n, C), dtype)
+    if out.size == 0:
+        return out                         # a tensor with a zero dimension: nothing to read (GGUF can't)
     if stored.kind in PLAIN_KINDS:
         out[...] = stored.values[r0:r1]
     else:

@@ -325,6 +325,25 @@ def test_corrupt_headers_raise_checkpoint_errors_only(tiny, tmp_path_factory, da
         assert str(path) in str(e)
 
 
+def test_a_quantized_tensor_with_a_zero_dimension(tiny, tmp_path):
+    """A header byte that zeroes a quantized tensor's dimension (hypothesis found it above): the tensor
+    loads empty (the gguf package cannot dequantize nothing), and a model refuses its shape."""
+    from qwen2np import Qwen2ForCausalLM
+
+    raw = bytearray(tiny.read_bytes())
+    header = read_gguf_header(tiny)
+    name = "blk.0.ffn_down.weight"                                  # Q4_K, GGUF dims (F, H): zero the first
+    at = raw.index(name.encode()) + len(name) + 4                  # after the name: n_dims (u32), then dims
+    assert int.from_bytes(raw[at:at + 8], "little") == F
+    raw[at:at + 8] = (0).to_bytes(8, "little")
+    path = tmp_path / "zero.gguf"
+    path.write_bytes(bytes(raw))
+    assert read_gguf_header(path).data_start == header.data_start
+    assert load_checkpoint(path).tensors["model.layers.0.mlp.down_proj.weight"].shape == (H, 0)
+    with pytest.raises(CheckpointError, match=r"down_proj.weight: expected shape \(64, 256\), found \(64, 0\)"):
+        Qwen2ForCausalLM.from_pretrained(path)
+
+
 def test_without_the_gguf_package(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'qwen2np\[gguf\]'"):
