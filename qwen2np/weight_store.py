@@ -89,7 +89,7 @@ def convert_whole(stored, dtype):
     """
     dtype = np.dtype(dtype)
     if stored.kind in PLAIN_KINDS and PLAIN_KINDS[stored.kind] == dtype:
-        return stored.raw_rows(0, stored.num_rows).view(dtype).reshape(stored.shape)
+        return stored.values.reshape(stored.shape)
     out = np.empty(stored.shape, dtype=dtype)
     rows = out.reshape(stored.num_rows, stored.num_columns)
     step = max(1, CHUNK_BYTES // max(stored.row_nbytes, 1))

@@ -297,7 +297,7 @@ def main(argv=None):
             path = requantized(path, args.requantize)
         dump = record_dump(path, ids, include_patterns(args), args.decode_steps, prompt, args.chat,
                            FINGERPRINT_METHODS[args.fingerprint], args.rope_freq_base, args.threads)
-        folder = write_dump(dump, args.out, **({"overwrite": True} if getattr(args, "overwrite", False) else {}))
+        folder = write_dump(dump, args.out, overwrite=args.overwrite)
     except Qwen2npError as e:
         print(f"dump_llama_cpp.py: error: {e}", file=sys.stderr)
         return 1

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from qwen2np import Qwen2ForCausalLM, Qwen2Tokenizer  # noqa: E402
 from qwen2np.fetch import test_checkpoint_path  # noqa: E402
-from qwen2np.golden.compare import nmse_db  # noqa: E402
+from qwen2np.golden.compare import distance_db  # noqa: E402
 from qwen2np.golden.record import record_dump  # noqa: E402
 
 PROMPTS = [
@@ -40,13 +40,6 @@ PROMPTS = [
     "用一句话解释什么是快速排序。",
     "The derivative of x^3 + 2x is",
 ]
-
-
-def distance(a, b):
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    finite = np.isfinite(a) & np.isfinite(b)
-    value = nmse_db(np.abs(a[finite] - b[finite]), b[finite])
-    return -np.inf if value is None else value
 
 
 def agreement(tokens, theirs):
@@ -92,10 +85,11 @@ def main(argv=None):
         with torch.backends.mkldnn.flags(enabled=False):
             t2 = dt.record_dump(theirs, ids, fingerprint=None)
         names = ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(L)] + ["model.norm", "logits"]
-        per = {n: (distance(q[n], t[n]), distance(t[n], r[n]), distance(q[n], r[n]), distance(t2[n], t[n]))
+        per = {n: (distance_db(q[n], t[n]), distance_db(t[n], r[n]), distance_db(q[n], r[n]),
+                   distance_db(t2[n], t[n]))
                for n in names}
-        every = [distance(q[k], t[k]) - distance(t[k], r[k]) for k in t.tensors
-                 if not k.endswith(".mask") and np.isfinite(distance(t[k], r[k]))]
+        every = [distance_db(q[k], t[k]) - distance_db(t[k], r[k]) for k in t.tensors
+                 if not k.endswith(".mask") and np.isfinite(distance_db(t[k], r[k]))]
         top1_other_kernel = float((np.asarray(t2["logits"], np.float32).argmax(-1) ==
                                    np.asarray(t["logits"], np.float32).argmax(-1)).mean())
         top1 = float((np.asarray(q["logits"], np.float32).argmax(-1) ==

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import require, transformers_checkpoint_folder
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
-from qwen2np.golden.compare import nmse_db
+from qwen2np.golden.compare import distance_db
 from qwen2np.golden.record import record_dump
 
 pytestmark = pytest.mark.oracle
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.oracle
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, rms_norm_eps=1e-6)
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
-
-
-def distance_db(a, b):
-    """NMSE of a against b in dB (-inf: equal), over the finite elements."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    finite = np.isfinite(a) & np.isfinite(b)
-    value = nmse_db(np.abs(a[finite] - b[finite]), b[finite])
-    return -np.inf if value is None else value
 
 
 def bitwise(a, b):

@@ -277,6 +277,18 @@ def cosine(x, y):
     return float((x * y).sum() / math.sqrt(float((x * x).sum()) * float((y * y).sum())))
 
 
+def distance_db(a, b):
+    """NMSE of a against b in dB over the elements finite in both (-inf: equal).
+
+    >>> round(distance_db(np.array([1.1, np.nan]), np.array([1.0, 2.0])), 6), distance_db([1.0], [1.0])
+    (-20.0, -inf)
+    """
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    finite = np.isfinite(a) & np.isfinite(b)
+    value = nmse_db(np.abs(a[finite] - b[finite]), b[finite])
+    return -np.inf if value is None else value
+
+
 def nmse_db(err, ref):
     """10·log10(Σ err² / Σ ref²): None when there is no error, inf when the reference is all zeros.
 
@@ -308,11 +320,7 @@ def logits_divergence(x, y, valid_rows=None, top_p=TOP_P, block=64):
     >>> kl, same = logits_divergence(x, y); round(kl, 4), same    # nuclei {0,1,2} both: 0.9 needs all three
     (0.0405, 1.0)
     """
-    x = x.reshape(-1, x.shape[-1])
-    y = y.reshape(-1, y.shape[-1])
-    if valid_rows is not None:
-        rows = np.asarray(valid_rows).reshape(-1)
-        x, y = x[rows], y[rows]
+    x, y = _paired_rows(x, y, valid_rows)
     if x.shape[0] == 0:
         return None, None
     kl, same = [], []
@@ -321,6 +329,15 @@ def logits_divergence(x, y, valid_rows=None, top_p=TOP_P, block=64):
         kl.append((np.exp(ly) * (ly - lx)).sum(-1))
         same.append([_nucleus(a, top_p) == _nucleus(b, top_p) for a, b in zip(lx, ly)])
     return float(np.concatenate(kl).mean()), float(np.concatenate(same).mean())
+
+
+def _paired_rows(x, y, valid_rows):
+    """x and y as [rows, last axis], keeping only the rows `valid_rows` (a boolean mask) selects."""
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if valid_rows is None:
+        return x, y
+    rows = np.asarray(valid_rows).reshape(-1)
+    return x[rows], y[rows]
 
 
 def _log_softmax(x):
@@ -337,11 +354,7 @@ def _nucleus(log_probs, top_p):
 
 def top_k_agreement(x, y, valid_rows=None, k=TOP_K):
     """(share of rows with the same argmax, share with the same set of k best) over the last axis."""
-    x = x.reshape(-1, x.shape[-1])
-    y = y.reshape(-1, y.shape[-1])
-    if valid_rows is not None:
-        rows = np.asarray(valid_rows).reshape(-1)
-        x, y = x[rows], y[rows]
+    x, y = _paired_rows(x, y, valid_rows)
     if x.shape[0] == 0:
         return None, None
     top1 = float((x.argmax(-1) == y.argmax(-1)).mean())
