@@ -50,9 +50,9 @@ def worker(side, gguf, ids, new_tokens):
                                   do_sample=False).numpy()
     else:
         import qwen2np
-        from qwen2np.memory import apply_environment
+        from qwen2np.weights.system import apply_environment
 
-        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
+        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/weights/system.py)
 
         model = qwen2np.Qwen2ForCausalLM.from_pretrained(gguf)
 
@@ -89,7 +89,7 @@ def main():
         side, gguf, ids, n = args.worker
         print(json.dumps(worker(side, gguf, json.loads(ids), int(n))))
         return
-    from qwen2np.fetch import test_checkpoint_path
+    from qwen2np.io.fetch import test_checkpoint_path
 
     gguf = Path(args.gguf) if args.gguf else test_checkpoint_path()
     ids = prompt_ids(gguf)

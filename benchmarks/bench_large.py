@@ -50,9 +50,9 @@ def worker(side, model_path, steps, max_memory):
             return out.past_key_values
     else:
         import qwen2np
-        from qwen2np.memory import apply_environment
+        from qwen2np.weights.system import apply_environment
 
-        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
+        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/weights/system.py)
         dtype = side.split("-", 1)[1]
         model = qwen2np.Qwen2ForCausalLM.from_pretrained(model_path, dtype=dtype, max_memory=max_memory)
         load = time.perf_counter() - t0

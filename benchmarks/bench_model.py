@@ -49,9 +49,9 @@ def worker(side, folder, repeats):
             return out, out.past_key_values
     else:
         import qwen2np
-        from qwen2np.memory import apply_environment
+        from qwen2np.weights.system import apply_environment
 
-        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
+        apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/weights/system.py)
 
         model = qwen2np.Qwen2ForCausalLM.from_pretrained(folder)
         load = time.perf_counter() - t0
@@ -129,7 +129,7 @@ def main():
         result = gguf_worker(path) if kind == "gguf" else worker(kind, path, int(rest[0]))
         print(json.dumps(result))
         return
-    from qwen2np.fetch import test_checkpoint_path
+    from qwen2np.io.fetch import test_checkpoint_path
 
     gguf = Path(args.gguf) if args.gguf else test_checkpoint_path()
     folder = transformers_folder(gguf)

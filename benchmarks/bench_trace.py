@@ -22,10 +22,11 @@ import timeit
 import numpy as np
 
 import qwen2np
-from qwen2np import attention, layers, modeling, tracing
-from qwen2np.memory import apply_environment
+from qwen2np.inspection import tracing
+from qwen2np.model import attention, layers, modeling
+from qwen2np.weights.system import apply_environment
 
-apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/memory.py)
+apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/weights/system.py)
 
 
 def identity(scope, name, x):
@@ -78,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args(argv)
 
-    from qwen2np.hub import resolve_model_path
+    from qwen2np.io.hub import resolve_model_path
 
     model = qwen2np.Qwen2ForCausalLM.from_pretrained(resolve_model_path(args.model))
     ids = np.random.default_rng(0).integers(0, 150000, (1, 65))

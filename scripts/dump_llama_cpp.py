@@ -19,7 +19,7 @@ qwen2np on the same file is the reference at float32 precision. `--rope-freq-bas
 
 The weights fingerprint is of the weights llama.cpp computes with: the file's tensors dequantized
 (llama.cpp's dequantization and the gguf package's, which qwen2np uses, agree bit for bit on this
-checkpoint: tests/test_llama_cpp.py), so `qwen2np compare --isolate` can check it against a qwen2np
+checkpoint: tests/golden/test_llama_cpp.py), so `qwen2np compare --isolate` can check it against a qwen2np
 model of the same file. Only one sequence (B = 1): llama.cpp batches sequences its own way.
 """
 
@@ -132,7 +132,7 @@ class Recorder:
 
 def requantized(source, kind, cache=None):
     """`source` converted by llama.cpp's quantizer to `kind` (F32 or Q8_0), made once into the cache."""
-    from qwen2np.fetch import default_cache_dir
+    from qwen2np.io.fetch import default_cache_dir
 
     folder = Path(cache or default_cache_dir()) / "derived"
     target = folder / f"{Path(source).stem}-{kind}.gguf"
@@ -282,7 +282,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         from qwen2np import Qwen2Tokenizer
-        from qwen2np.hub import resolve_model_path
+        from qwen2np.io.hub import resolve_model_path
 
         path = Path(resolve_model_path(args.model))
         if path.suffix != ".gguf":

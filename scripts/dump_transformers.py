@@ -47,7 +47,7 @@ from qwen2np.errors import DumpError, IntermediateNameError, Qwen2npError
 from qwen2np.golden.dump import new_dump, plan_passes, write_dump
 from qwen2np.golden.record import select_positions, take_positions
 from qwen2np.golden.fingerprint import architecture, config_fingerprint, weights_fingerprint
-from qwen2np.tracing import intermediate_names
+from qwen2np.inspection.names import intermediate_names
 
 _ORIGINAL_EAGER = modeling_qwen2.eager_attention_forward
 _ORIGINAL_ROPE = modeling_qwen2.apply_rotary_pos_emb
@@ -326,7 +326,7 @@ def main(argv=None):
                         help="with --dtype float64, also run RMSNorm, softmax and RoPE in float64 (docs/float64.md)")
     args = parser.parse_args(argv)
     try:
-        from qwen2np.hub import resolve_model_path
+        from qwen2np.io.hub import resolve_model_path
 
         if args.float64_everywhere and args.dtype != "float64":
             raise DumpError("--float64-everywhere needs --dtype float64")

@@ -1,4 +1,4 @@
-"""Make the golden fixtures of tests/test_model_golden.py with the oracle: transformers 5.24.0.
+"""Make the golden fixtures of tests/model/test_model_golden.py with the oracle: transformers 5.24.0.
 
 For each case: a tiny random Qwen2 checkpoint (a Hugging Face folder, saved by transformers itself) and
 what transformers computes on fixed inputs: logits, hidden states, attentions, losses, the KV cache, and

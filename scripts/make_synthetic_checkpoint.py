@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen2np import Qwen2Config, Qwen2Tokenizer  # noqa: E402
-from qwen2np.budget import parse_memory  # noqa: E402
+from qwen2np.weights.plan import parse_memory  # noqa: E402
 from qwen2np.io.folders import write_folder  # noqa: E402
 from qwen2np.io.hf_folder import write_hf_files  # noqa: E402
-from qwen2np.weights import base_parameter_shapes  # noqa: E402
+from qwen2np.weights.parameters import base_parameter_shapes  # noqa: E402
 
 # config.json of the published models (docs: ../shared/reference/hf-qwen2-behavior.md, section 12)
 _COMMON = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, use_sliding_window=False,

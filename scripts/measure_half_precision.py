@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qwen2np import Qwen2ForCausalLM, Qwen2Tokenizer  # noqa: E402
-from qwen2np.fetch import test_checkpoint_path  # noqa: E402
+from qwen2np.io.fetch import test_checkpoint_path  # noqa: E402
 from qwen2np.golden.compare import distance_db  # noqa: E402
 from qwen2np.golden.record import record_dump  # noqa: E402
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen2np import Qwen2ForCausalLM, Qwen2Tokenizer
-from qwen2np.fetch import test_checkpoint_path
+from qwen2np.io.fetch import test_checkpoint_path
 from qwen2np.golden.compare import compare_dumps
 from qwen2np.golden.dump import read_dump, write_dump
 from qwen2np.golden.isolate import isolate_dump

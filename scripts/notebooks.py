@@ -5,7 +5,7 @@
     python scripts/notebooks.py --check [NAME ...]   execute into memory and compare with what is committed
 
 The notebooks are committed *with* their outputs, so that a reader browsing the repository sees the
-numbers and the plots; tests/test_notebooks.py runs the check on every notebook in CI. What "the same
+numbers and the plots; tests/teaching/test_notebooks.py runs the check on every notebook in CI. What "the same
 output" means (also in notebooks/README.md):
 
 * Each code cell must produce the same outputs, in the same order, of the same kinds (stdout and stderr

@@ -75,7 +75,7 @@ def dt(oracle):
 @pytest.fixture(scope="session")
 def test_gguf():
     """Path of the real Qwen2.5-Coder-0.5B-Instruct GGUF, assembled by `qwen2np fetch`."""
-    from qwen2np.fetch import test_checkpoint_path
+    from qwen2np.io.fetch import test_checkpoint_path
 
     path = test_checkpoint_path()
     require(path.is_file(), f"the test checkpoint is missing at {path}; run `qwen2np fetch`")
@@ -134,3 +134,13 @@ def hf_real_model(oracle, test_gguf):
     folder = transformers_checkpoint_folder(oracle, test_gguf)
     return oracle.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                        attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    """The `gguf` package (the `gguf` extra)."""
+    try:
+        import gguf
+    except ImportError:
+        require(False, "the gguf package is not installed: pip install 'qwen2np[gguf]'")
+    return gguf

@@ -23,7 +23,9 @@ import importlib
 import os
 import sys
 
+from .. import __version__
 from ..errors import Qwen2npError
+from ..weights.system import apply_environment
 
 # subcommand -> one-line help; the module qwen2np.cli.<name> implements it
 COMMANDS = {
@@ -190,9 +192,8 @@ def main(argv=None):
             if real_stdout is None and command in _WRITES_STDOUT:
                 raise CommandLineError("stdout is closed: this command prints its result there; "
                                        "redirect it to a file or /dev/null instead of closing it")
-            from ..memory import apply_environment
 
-            apply_environment(default=True)   # the command line owns its process: keep freed memory (memory.py)
+            apply_environment(default=True)   # the command line owns its process: keep freed memory (weights/system.py)
             status = _module(command).run(args) or 0
             if sys.stdout is not None:
                 sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
@@ -234,7 +235,6 @@ def main(argv=None):
 
 def _parse(argv):
     parser = _Parser(prog="qwen2np", description="Qwen2 in pure NumPy.")
-    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"qwen2np {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

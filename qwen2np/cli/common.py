@@ -6,10 +6,17 @@ Sampling flags follow one rule: `--greedy` decodes greedily; otherwise any of `-
 generation_config.json decides (greedy when it has none, as for the GGUF test checkpoint).
 """
 
+import argparse
 import sys
 import time
 
+from .. import Qwen2ForCausalLM, Qwen2Tokenizer
 from ..errors import CheckpointError, GenerationError
+from ..generation import GenerationConfig, TextStreamer
+from ..generation.utils import validate_generation_config
+from ..io.hub import resolve_model_path
+from ..weights.plan import parse_memory
+from .progress import ProgressBar
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -47,10 +54,6 @@ def add_model_arguments(parser):
 
 def memory_size(text):
     """argparse type of --max-memory: a size such as 6GB (a bad one is a one-line usage error)."""
-    import argparse
-
-    from ..budget import parse_memory
-
     try:
         return parse_memory(text)
     except ValueError as e:
@@ -70,9 +73,6 @@ def weights_line(model):
 
 def generation_kwargs(args):
     """The generate() keyword arguments the flags ask for, checked before the model is loaded."""
-    from ..generation import GenerationConfig
-    from ..generation.utils import validate_generation_config
-
     sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p")}
     kw = {k: v for k, v in sampling.items() if v is not None}
     if args.greedy:
@@ -93,10 +93,6 @@ def generation_kwargs(args):
 
 def load(args):
     """(model, tokenizer) for `--model`, with a progress bar on stderr while the weights load."""
-    from .. import Qwen2ForCausalLM, Qwen2Tokenizer
-    from ..hub import resolve_model_path
-    from ..progress import ProgressBar
-
     path = resolve_model_path(args.model)
     started = time.perf_counter()
     try:
@@ -119,8 +115,6 @@ class TimedStreamer:
     """A TextStreamer that also times the prompt (until the first new token) and the generation after it."""
 
     def __init__(self, tokenizer, write):
-        from ..generation import TextStreamer
-
         self.text = []
         self.write = write
         self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, on_text=self._on_text)

@@ -34,14 +34,19 @@ import argparse
 import json
 import sys
 
-from ..errors import Qwen2npError
+from .. import Qwen2ForCausalLM
+from ..errors import DumpError, Qwen2npError
+from ..golden.compare import compare_dumps, format_report
+from ..golden.dump import read_dump
+from ..golden.isolate import format_isolation, isolate_dump
+from ..golden.policies import policy_named
+from ..golden.tolerances import parse_tolerance
+from ..io.hub import resolve_model_path
 
 HELP = "compare two dumps tensor by tensor; name the first divergence, or with --isolate every root cause"
 
 
 def _tolerance(text):
-    from ..golden.tolerances import parse_tolerance
-
     try:
         return parse_tolerance(text)
     except ValueError as e:
@@ -64,11 +69,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from ..errors import DumpError
-    from ..golden.compare import compare_dumps, format_report
-    from ..golden.dump import read_dump
-    from ..golden.policies import policy_named
-
     try:
         if args.b is None and not args.isolate:
             raise DumpError("compare needs a reference dump B (or --isolate, to check A's operations alone)")
@@ -88,8 +88,6 @@ def run(args):
             print(json.dumps({"comparison": None if comparison is None else comparison.to_json(),
                               "isolation": isolation.to_json()}, allow_nan=False))
     else:
-        from ..golden.isolate import format_isolation
-
         reports = [] if comparison is None else [format_report(comparison, brief=args.brief)]
         if isolation is not None:
             reports.append(format_isolation(isolation, brief=args.brief, comparison=comparison))
@@ -100,11 +98,6 @@ def run(args):
 
 def _isolate(dump, model_path, policy):
     """Isolate `dump` with a qwen2np model of `model_path`, or of the checkpoint its manifest names."""
-    from .. import Qwen2ForCausalLM
-    from ..errors import DumpError
-    from ..golden.isolate import isolate_dump
-    from ..hub import resolve_model_path
-
     path = model_path or (dump.manifest.get("model") or {}).get("path")
     if not path:
         raise DumpError(f"{dump.folder}: its manifest names no checkpoint; give --model the port's checkpoint")

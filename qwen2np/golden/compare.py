@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import DumpError
-from ..tracing import position_axes
+from ..inspection.names import position_axes
 from .fingerprint import differing_weights
 from .policies import TOP_P, default_policy, policy_named
 from .tolerances import kind_of, tolerance_for
@@ -87,7 +87,7 @@ class Comparison:
 
     def to_json(self):
         """The comparison as JSON-ready values (an infinite error is the string "inf")."""
-        return _json_safe({
+        return json_safe({
             "ok": self.ok,
             "first_failure": None if self.first_failure is None else self.first_failure.key,
             "a": self.a.describe(), "b": self.b.describe(),
@@ -97,11 +97,11 @@ class Comparison:
         })
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value

@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, DumpError
+from ..io.folders import write_folder
+from ..io.safetensors_file import (SAFETENSORS_DTYPES, SAFETENSORS_NAMES, load_safetensors, read_safetensors_header,
+    write_safetensors)
 
 FORMAT = "qwen2np-dump"
 FORMAT_VERSION = 1
@@ -157,9 +160,6 @@ def write_dump(dump, folder, overwrite=False):
     unless `overwrite=True`, which replaces it whole. `DumpWriter` writes the same format tensor by
     tensor.
     """
-    from ..io.folders import write_folder
-    from ..io.safetensors_file import write_safetensors
-
     folder = Path(folder)
     check_dump(dump, str(folder))
     with write_folder(folder, overwrite=overwrite) as tmp:
@@ -207,8 +207,6 @@ class DumpWriter:
         self._finished = False
 
     def __enter__(self):
-        from ..io.folders import write_folder
-
         self._context = write_folder(self.folder, overwrite=self.overwrite)
         self._tmp = self._context.__enter__()
         try:
@@ -220,14 +218,12 @@ class DumpWriter:
 
     def add(self, key, array):
         """Append one tensor (any array the safetensors format stores: float32, float64, ...)."""
-        from ..io.safetensors_file import _NAME_OF
-
         if self._data is None or self._finished:
             raise DumpError(f"{self.folder}: DumpWriter.add outside its `with` block or after finish()")
         if not isinstance(key, str) or key in self._entries:
             raise DumpError(f"{self.folder}: tensor key {key!r} is not a string or was added before")
         array = np.asarray(array)
-        type_name = _NAME_OF.get(array.dtype.name)
+        type_name = SAFETENSORS_NAMES.get(array.dtype.name)
         if type_name is None:
             raise DumpError(f"{self.folder}: {key}: cannot store dtype {array.dtype.name}")
         begin = self._data.tell()
@@ -302,8 +298,6 @@ def manifest_text(manifest):
 
 def read_dump(folder):
     """Read and check a dump folder; the tensors are memory-mapped (read-only)."""
-    from ..io.safetensors_file import SAFETENSORS_DTYPES, load_safetensors, read_safetensors_header
-
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         what = "no such folder" if not folder.exists() else f"no {MANIFEST} in it"

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..weights.backend import to_numpy
 
 METHODS = ("sha256-f32", "sha256-f32-sampled")
 _CHUNK = 1 << 24          # values hashed per step: bounds the float32 copy of a float64 weight (64 MB)

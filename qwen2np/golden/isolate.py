@@ -59,12 +59,13 @@ position through a probability of exactly 0; every other input is used exactly a
 import math
 from dataclasses import asdict, dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import DumpError
-from ..masks import build_attention_bias
-from ..rope import RotaryEmbedding
-from .compare import _json_safe, compare_tensor, valid_elements
+from ..model.masks import build_attention_bias
+from ..model.rope import RotaryEmbedding
+from .compare import json_safe, compare_tensor, valid_elements
 from .fingerprint import architecture, config_fingerprint, weight_digest
 from .policies import default_policy, policy_named
 
@@ -114,7 +115,7 @@ class Isolation:
         return not self.root_causes
 
     def to_json(self):
-        return _json_safe({
+        return json_safe({
             "ok": self.ok, "policy": self.policy.name, "notes": self.notes,
             "root_causes": [c.key for c in self.root_causes],
             "checks": [asdict(c) for c in self.checks],
@@ -169,8 +170,6 @@ def port_weights(model, dump):
 
 def _round_weight(w, dtype):
     """A weight rounded to a half-precision dtype (stored so: half the memory of float32)."""
-    import ml_dtypes
-
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
     return np.asarray(w).astype(np.float32, copy=False).astype(target)
 
@@ -186,16 +185,12 @@ def rounding(dtype):
     """
     if dtype not in _HALF:
         return lambda x: x
-    import ml_dtypes
-
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
     return lambda x: np.asarray(x).astype(target).astype(np.float64)
 
 
 def ulps(x, expected, dtype):
     """|x - expected| in units in the last place of `dtype` at `expected` (both float64 arrays)."""
-    import ml_dtypes
-
     info = ml_dtypes.finfo(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
     exponent = np.floor(np.log2(np.maximum(np.abs(expected), float(info.smallest_normal))))   # subnormals: one step
     return np.abs(x - expected) / np.exp2(exponent - info.nmant)

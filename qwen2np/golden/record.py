@@ -9,19 +9,21 @@
 (2, ['model.layers.1.input_layernorm', 'model.layers.1.self_attn.q_proj'], (1, 1, 32))
 """
 
+from contextlib import nullcontext
+
 import numpy as np
 
-from ..backend import to_numpy
+from .. import __version__
 from ..errors import DumpError
-from ..tracing import Trace, position_axes
-from .dump import Dump, check_dump, plan_passes
+from ..inspection.names import position_axes
+from ..inspection.tracing import Trace
+from ..weights.backend import to_numpy
+from .dump import Dump, DumpWriter, check_dump, new_manifest, plan_passes, read_dump, tensor_key
 from .fingerprint import architecture, config_fingerprint, weights_fingerprint
 
 
 def versions():
     """The versions a qwen2np dump records."""
-    from .. import __version__
-
     return {"qwen2np": __version__, "numpy": np.__version__}
 
 
@@ -40,10 +42,6 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     of every intermediate of a long prompt on a big model is never in memory at once; the dump is then
     returned as read back (memory-mapped). Without, the dump is built in memory.
     """
-    from contextlib import nullcontext
-
-    from .dump import DumpWriter, new_manifest, read_dump, tensor_key
-
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise DumpError(f"input_ids: expected a non-empty [B, N] array of integers, found shape {ids.shape} "

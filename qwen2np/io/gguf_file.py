@@ -1,4 +1,4 @@
-"""Loading a qwen2 GGUF file (llama.cpp's format) as a Hugging Face checkpoint: config, tensors, tokenizer.
+"""Opening a qwen2 GGUF file (llama.cpp's format) as a Hugging Face checkpoint: config and tensors.
 
 Three steps, each as transformers 5.24 does them (`modeling_gguf_pytorch_utils.load_gguf_checkpoint`):
 
@@ -6,10 +6,10 @@ Three steps, each as transformers 5.24 does them (`modeling_gguf_pytorch_utils.l
 2. the tensors: names mapped to Hugging Face names (gguf_names.py), shapes reversed to NumPy order
    (gguf_header.py), quantized blocks (Q4_K, Q5_0, Q6_K, Q8_0, ...) dequantized to float32 with
    `gguf.quants.dequantize`, the same function transformers calls, so the weights are bitwise equal;
-3. the tokenizer from the metadata (`load_gguf_tokenizer`, gguf_tokenizer.py).
+3. the tokenizer from the metadata (qwen2np/tokenizer/gguf.py, `Qwen2Tokenizer.from_pretrained(path)`).
 
 Memory: `open_gguf` reads the header only and maps the file; each tensor stays as its quantized blocks
-until qwen2np/weight_store.py converts it, a group of rows at a time, letting the file's pages go after
+until qwen2np/weights/store.py converts it, a group of rows at a time, letting the file's pages go after
 converting them (so a model converted ahead of time holds its float32 weights, not also the quantized
 bytes), or at each use (docs/weights.md).
 
@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, MissingDependencyError
-from .checkpoint import Checkpoint
 from .gguf_header import read_gguf_header
 from .gguf_names import hf_name
+from .stored import Checkpoint, MappedFile, StoredTensor
 
-__all__ = ["open_gguf", "load_gguf", "gguf_config", "load_gguf_tokenizer", "import_gguf", "dequantize_rows"]
+__all__ = ["open_gguf", "gguf_config", "import_gguf", "dequantize_rows"]
 
 
 _REQUIRED = object()
@@ -48,7 +48,7 @@ _QWEN2_DEFAULTS = {
 def import_gguf():
     """The `gguf` package, or a MissingDependencyError saying how to install it."""
     try:
-        import gguf
+        import gguf   # optional (the `gguf` extra): imported only when a GGUF's tensors are read
     except ImportError as e:
         raise MissingDependencyError(
             "reading GGUF tensors needs the gguf package: pip install 'qwen2np[gguf]' (or pip install gguf)"
@@ -124,8 +124,6 @@ def open_gguf(path):
     Unknown tensor names are an error (transformers would silently drop them and initialise the
     missing weights at random).
     """
-    from .stored import MappedFile, StoredTensor
-
     gguf = import_gguf()
     header = read_gguf_header(path)
     if not header.tensors:
@@ -151,14 +149,6 @@ def open_gguf(path):
     generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                          if config[k] is not None}
     return Checkpoint(config, tensors, origin, generation_config or None, Path(header.path))
-
-
-def load_gguf(path, dtype="float32", progress=None):
-    """`open_gguf`, with every tensor dequantized to a `dtype` array ahead of time (a group of rows at a
-    time, the file's pages let go as it goes)."""
-    from .checkpoint import materialize
-
-    return materialize(open_gguf(path), np.dtype(dtype), progress)
 
 
 def _stored_bytes(gguf, header, info):
@@ -190,7 +180,7 @@ def dequantize_rows(gguf, raw, kind):
 
     This is what `gguf.quants.dequantize` does, minus its split into groups of 16 rows: we call the
     same per-type `dequantize_rows` on our own (bigger) groups, which is 1.4-3x faster and gives the
-    same bits, since every value is computed on its own block (tests/test_io_gguf_oracle.py checks).
+    same bits, since every value is computed on its own block (tests/io/test_gguf_oracle.py checks).
     """
     quant = _block_type(gguf, kind)
     if quant is None:  # F32 and F16 are plain values, not blocks
@@ -204,17 +194,3 @@ def _block_type(gguf, kind):
     quant = getattr(gguf.quants, kind.name, None)
     return quant if hasattr(quant, "dequantize_rows") else None
 
-
-def load_gguf_tokenizer(path):
-    """The `qwen2np.Qwen2Tokenizer` built from the metadata of the GGUF file at `path`.
-
-    It matches what transformers 5.24 builds from the same file with
-    `AutoTokenizer.from_pretrained(folder, gguf_file=name)`: same vocabulary (151,936 entries for
-    Qwen2.5 0.5B, `[PAD…]` fillers included), same added tokens and special flags, same bos/eos/pad,
-    and no NFC normalization (`normalization=None`), so the same ids on any text. See gguf_tokenizer.py
-    for the details. Does not need the `gguf` package.
-    """
-    from ..tokenizer import Qwen2Tokenizer
-    from .gguf_tokenizer import gguf_tokenizer_kwargs
-
-    return Qwen2Tokenizer(**gguf_tokenizer_kwargs(path))

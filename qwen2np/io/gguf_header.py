@@ -14,7 +14,7 @@ reverse: `token_embd.weight` with dims [896, 151936] is a [151936, 896] array.
 `gguf.GGUFReader` parses the same thing, but it builds a NumPy array for every metadata string: for
 this project's 0.5B file (303,323 strings in the vocabulary and merges) that takes about 12 s and
 515 MB. This parser takes a fraction of a second, and skips string arrays it is not asked for (their
-length is kept in `array_lengths`). tests/test_io_gguf.py holds it equal to `GGUFReader`.
+length is kept in `array_lengths`). tests/io/test_gguf.py holds it equal to `GGUFReader`.
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "tiny.gguf")

@@ -10,7 +10,7 @@
     output.weight                      lm_head.weight   (absent when the embeddings are tied)
 
 subtle: llama.cpp's converter permutes the rows of Q and K for the llama architecture (to interleave
-RoPE pairs) but not for qwen2, so the weights are used as they are; tests/test_io_gguf_oracle.py checks
+RoPE pairs) but not for qwen2, so the weights are used as they are; tests/io/test_gguf_oracle.py checks
 that transformers 5.24 loads bitwise the same tensors.
 
 >>> hf_name("blk.3.attn_q.bias")

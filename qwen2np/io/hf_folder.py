@@ -16,7 +16,7 @@ pickled by torch (`pytorch_model.bin`) are refused: unpickling runs arbitrary co
 >>> save_hf_folder(folder, {"model_type": "qwen2"}, {"model.norm.weight": np.ones(4, np.float32)})
 >>> sorted(os.listdir(folder))
 ['config.json', 'model.safetensors']
->>> ckpt = load_hf_folder(folder)
+>>> ckpt = open_hf_folder(folder)
 >>> ckpt.config["model_type"], ckpt.tensors["model.norm.weight"].shape, ckpt.origin["model.norm.weight"]
 ('qwen2', (4,), 'model.safetensors')
 """
@@ -30,13 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, OutputExistsError
-from .checkpoint import Checkpoint, materialize
 from .folders import check_target, write_folder
-from .safetensors_file import read_safetensors_header, write_safetensors
-from .stored import open_safetensors
+from .safetensors_file import SAFETENSORS_NAMES, read_safetensors_header, write_safetensors
+from .stored import Checkpoint, open_safetensors
 
-__all__ = ["open_hf_folder", "load_hf_folder", "open_safetensors_file", "load_safetensors_file", "save_hf_folder",
-           "read_json"]
+__all__ = ["open_hf_folder", "open_safetensors_file", "save_hf_folder", "read_json"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -80,11 +78,6 @@ def open_hf_folder(folder):
     return Checkpoint(config, tensors, origin, generation_config, folder)
 
 
-def load_hf_folder(folder, dtype="float32", progress=None):
-    """`open_hf_folder`, with every tensor converted to a `dtype` array (float32 files memory-mapped)."""
-    return materialize(open_hf_folder(folder), dtype, progress)
-
-
 def open_safetensors_file(path):
     """The `Checkpoint` of one `.safetensors` file; its config is the `config.json` beside it, if any ({} if not)."""
     path = Path(path)
@@ -93,10 +86,6 @@ def open_safetensors_file(path):
     headers = [read_safetensors_header(path)]
     origin = _origin(headers, path.parent)
     return Checkpoint(config, _open_headers(headers, path.parent), origin, generation_config, path)
-
-
-def load_safetensors_file(path, dtype="float32", progress=None):
-    return materialize(open_safetensors_file(path), dtype, progress)
 
 
 def _origin(headers, folder):
@@ -235,8 +224,6 @@ def save_hf_folder(folder, config, tensors, generation_config=None, max_shard_by
 
 def _check_save_inputs(config, tensors, generation_config, max_shard_bytes, dtype):
     """Refuse, before anything is written, what save_hf_folder could not write whole."""
-    from .safetensors_file import _NAME_OF
-
     for name, value in (("config", config), ("generation_config", generation_config)):
         if value is None and name == "generation_config":
             continue
@@ -254,10 +241,10 @@ def _check_save_inputs(config, tensors, generation_config, max_shard_bytes, dtyp
         if not (hasattr(array, "shape") and hasattr(array, "dtype")):
             raise CheckpointError(f"save_hf_folder: tensor {name!r} must be an array, found {type(array).__name__}")
         stored = np.dtype(array.dtype)
-        if (stored.name not in _NAME_OF) if dtype is None else (stored.name not in _NAME_OF and stored.kind not in "iub"):
+        if (stored.name not in SAFETENSORS_NAMES) if dtype is None else (stored.name not in SAFETENSORS_NAMES and stored.kind not in "iub"):
             raise CheckpointError(f"save_hf_folder: tensor {name!r} has dtype {stored.name}, which cannot be "
                                   f"written {'as it is' if dtype is None else f'as {dtype}'} (expected one of "
-                                  f"{', '.join(_NAME_OF)})")
+                                  f"{', '.join(SAFETENSORS_NAMES)})")
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
                                         or max_shard_bytes < 1):
         raise CheckpointError(f"save_hf_folder: max_shard_bytes must be None or an integer >= 1, found "

@@ -38,6 +38,7 @@ from ..errors import CheckpointError
 
 __all__ = [
     "SAFETENSORS_DTYPES",
+    "SAFETENSORS_NAMES",
     "TensorEntry",
     "SafetensorsHeader",
     "read_safetensors_header",
@@ -53,8 +54,8 @@ SAFETENSORS_DTYPES = {
     "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
-# the reverse, for writing
-_NAME_OF = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# the reverse, for writing: NumPy dtype name -> safetensors dtype
+SAFETENSORS_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # dtypes the format defines that a Qwen2 checkpoint never holds; named so the error can say "unsupported"
 _OTHER_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 
@@ -258,10 +259,10 @@ def write_safetensors(path, tensors, dtype=None, metadata=None):
     for name in names:
         array = tensors[name]
         target = np.dtype(array.dtype) if dtype is None else np.dtype(_numpy_dtype(dtype))
-        type_name = _NAME_OF.get(target.name)
+        type_name = SAFETENSORS_NAMES.get(target.name)
         if type_name is None:
             raise CheckpointError(f"tensor {name!r}: cannot write dtype {target.name} to {path}: "
-                                  f"expected one of {', '.join(_NAME_OF)}")
+                                  f"expected one of {', '.join(SAFETENSORS_NAMES)}")
         nbytes = int(np.prod(array.shape, dtype=np.int64)) * target.itemsize
         header[name] = {"dtype": type_name, "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
         plan.append((array, target))

@@ -1,8 +1,9 @@
-"""A tensor as a checkpoint file stores it: where its bytes are, in what format, and its rows as bytes.
+"""A tensor as a checkpoint file stores it (where its bytes are, in what format, its rows as bytes), and a
+checkpoint as a set of them.
 
 Opening a checkpoint reads no weight: each file is memory-mapped once (read-only) and every tensor is
 described by a `StoredTensor` (file, offset, shape, stored format: "F32", "BF16", … or a GGUF block
-type such as "Q4_K"). How stored bytes become compute arrays is said in one place, qwen2np/weights.py.
+type such as "Q4_K"). How stored bytes become compute arrays is said in one place, qwen2np/weights/store.py.
 
 The model reads its weights from the mapped files while it runs. If a file is changed in place under
 it (rewritten, truncated), the process would read other numbers, or die of a bus error on a page past
@@ -24,15 +25,17 @@ import math
 import mmap
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from ..errors import CheckpointError
+from .safetensors_file import read_safetensors_header
 
-__all__ = ["PLAIN_KINDS", "MappedFile", "StoredTensor", "open_safetensors"]
+__all__ = ["PLAIN_KINDS", "MappedFile", "StoredTensor", "Checkpoint", "open_safetensors"]
 
 # stored formats that are plain little-endian values
 PLAIN_KINDS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -138,11 +141,25 @@ class StoredTensor:
 
 def open_safetensors(path, header=None, origin=None):
     """{name: StoredTensor} for every tensor of a safetensors file (its header checked, no data read)."""
-    from .safetensors_file import read_safetensors_header
-
     header = read_safetensors_header(path) if header is None else header
     file = MappedFile(header.path)
     if file.size != os.path.getsize(header.path):   # pragma: no cover - changed between header and open
         raise CheckpointError(f"{header.path}: changed while it was being opened")
     origin = origin or os.path.basename(header.path)
     return {e.name: StoredTensor(e.name, e.shape, e.dtype, file, e.start, e.nbytes, origin) for e in header.entries}
+
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, with tensors named as in a Hugging Face checkpoint."""
+
+    config: dict  # a config.json dict (model_type "qwen2"), as transformers would write it
+    tensors: dict  # {name: StoredTensor or ndarray}, names as stored (GGUF names already mapped to HF names)
+    origin: dict  # {tensor name: the file it came from}, for error messages
+    generation_config: dict | None = None  # generation_config.json when present
+    path: Path = field(default=None)  # the folder or file that was loaded
+
+    def __repr__(self):
+        n = sum(int(np.prod(a.shape, dtype=np.int64)) for a in self.tensors.values())
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {n:,} parameters)"

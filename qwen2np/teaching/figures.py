@@ -17,7 +17,7 @@ import numpy as np
 def decoder_layer_diagram(config, layer="{l}"):
     """One decoder layer as boxes and arrows, each labelled with its intermediate name and shape
     (docs/intermediates.md), for `config`'s sizes."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # optional (the `notebooks` extra), as every import of matplotlib here
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
     D, H, KV = config.hidden_size, config.num_attention_heads, config.num_key_value_heads

@@ -20,6 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..generation.logits_process import top_p_filter
+from ..inspection.interp import attribution_names, direct_logit_attribution
+from ..inspection.tracing import trace
+from ..model.attention import grouped_query_attention
+from ..weights.backend import to_numpy
+from ..weights.store import as_array
+from .bpe_train import merge_everywhere, pair_counts
+
 # A step is right when max |yours - model| <= RTOL * max |model|: float32 rounding of a reordered
 # computation stays below 1e-5 of the scale on the 0.5B model (docs/tolerances.md); a real mistake is
 # off by far more (the gallery of notebook 5 shows how much).
@@ -163,8 +171,6 @@ def grade_bpe_training(fn, words, num_merges):
     The grader replays your merges one by one: each must be a most frequent pair of the pieces as your
     earlier merges left them (any of several equally frequent pairs is right), and there must be
     `num_merges` of them (fewer only when no pair is left)."""
-    from .bpe_train import merge_everywhere, pair_counts
-
     exercise = "the BPE merge loop"
     out, failed = _call(exercise, fn, dict(words), num_merges)
     if failed:
@@ -199,8 +205,6 @@ def grade_bpe_training(fn, words, num_merges):
 def attention_inputs(model, input_ids, layer):
     """q [B, H, T, HD], k and v [B, KV, S, HD], mask [B, 1, T, S] of one layer, and the model's scores,
     probs and context [B, H, T, HD], from a trace."""
-    from ..tracing import trace
-
     c = model.config
     s = f"model.layers.{layer}.self_attn"
     with trace(model, f"{s}.q_rope", f"{s}.k_rope", f"{s}.v_proj", f"{s}.mask", f"{s}.scores", f"{s}.probs",
@@ -238,7 +242,6 @@ def grade_gqa(fn, model, input_ids, layer=0, long_keys=4096):
                 verdict.note = ("query head h read KV head h % KV (np.tile); it must read KV head h // G "
                                 "(np.repeat, or G consecutive query heads per KV head)")
         return verdict
-    from ..attention import grouped_query_attention
 
     q, k = inputs[0], inputs[1]
     B, H, KV, HD = q.shape[0], q.shape[1], k.shape[1], 128
@@ -276,10 +279,7 @@ def grade_head_attribution(fn, model, input_ids, answer, other):
     """`fn(t, model, answer, other)` -> the [L, H] direct logit attribution of every head to
     logit(answer) - logit(other) at the last position (or a dict with "head_terms" [L, H] and
     "best_heads" [L]), from `t`, a trace of `head_out` (and everything else it needs). Graded against
-    qwen2np.interp.direct_logit_attribution."""
-    from ..interp import attribution_names, direct_logit_attribution
-    from ..tracing import trace
-
+    qwen2np.inspection.interp.direct_logit_attribution."""
     exercise = "the most important head in every layer"
     with trace(model, *attribution_names(model), "model.norm") as t:
         model(input_ids)
@@ -301,8 +301,6 @@ def grade_head_attribution(fn, model, input_ids, answer, other):
 def grade_top_p(fn, scores, ps=(0.5, 0.8, 0.9, 0.95)):
     """`fn(scores [V], p)` -> the scores with the tokens outside the nucleus set to -inf (or a dict with
     "kept" [V] bool and "scores"), for each p, against transformers' rule (qwen2np's top_p_filter)."""
-    from ..generation.logits_process import top_p_filter
-
     exercise = "top-p by hand"
     scores = np.asarray(scores, dtype=np.float32)
     steps = []
@@ -353,10 +351,6 @@ def _crossing(scores, p):
 def grade_port_start(fns, model, input_ids):
     """`fns` = {"rms_norm": f(x, w, eps), "apply_rope": f(x, cos, sin)}: run as the start of layer 0
     (the input norm, then RoPE on the queries) and compared with `input_layernorm` and `q_rope`."""
-    from ..backend import to_numpy
-    from ..tracing import trace
-    from ..weight_store import as_array
-
     exercise = "the start of a port"
     c = model.config
     with trace(model, "model.embed_tokens", "model.rotary_emb.*", "model.layers.0.input_layernorm",

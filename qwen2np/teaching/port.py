@@ -24,7 +24,7 @@ True
 import numpy as np
 
 from ..golden.dump import new_dump
-from ..tracing import intermediate_names
+from ..inspection.names import intermediate_names
 
 MISTAKES = {
     "interleaved_rope": "RoPE rotates neighbouring pairs (2i, 2i+1), as in the RoPE paper, instead of Qwen2's "

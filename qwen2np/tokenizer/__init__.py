@@ -8,12 +8,12 @@ Files, one concept each, in pipeline order:
 * ``bpe.py``: BPE by merge rank (a teaching loop, a fast loop, and a heap for long pieces);
 * ``tokenizer.py``: the Qwen2Tokenizer class (tables, encoding, special tokens);
 * ``decoding.py``: ids -> text;
-* ``batch.py`` and ``encoding.py``: ``tokenizer(texts, padding=..., truncation=...)`` and BatchEncoding;
+* ``batch.py`` and ``batch_encoding.py``: ``tokenizer(texts, padding=..., truncation=...)`` and BatchEncoding;
 * ``streaming.py``: IncrementalDecoder for token-by-token output;
-* ``cache.py``: each tokenizer's BPE cache (piece -> ids), bounded in bytes and thread-safe;
-* ``files.py``, ``tokenizer_json.py``, ``model.py`` and ``loading.py``: reading and writing vocab.json,
-  merges.txt, tokenizer.json (its pipeline fields honoured or refused), tokenizer_config.json; the shared
-  BPE tables; from_pretrained and save_pretrained.
+* ``bpe_cache.py``: each tokenizer's BPE cache (piece -> ids), bounded in bytes and thread-safe;
+* ``files.py``, ``tokenizer_json.py``, ``tables.py``, ``gguf.py`` and ``loading.py``: reading and writing
+  vocab.json, merges.txt, tokenizer.json (its pipeline fields honoured or refused), tokenizer_config.json;
+  the shared BPE tables; the tokenizer a GGUF file carries; from_pretrained and save_pretrained.
 
 Module-level state is only caches, each bounded and emptied by `clear_caches()`.
 
@@ -24,10 +24,10 @@ Module-level state is only caches, each bounded and emptied by `clear_caches()`.
 
 from . import bytes_level, pretokenize, unicode_compat
 from .added_tokens import AddedToken
-from .cache import BPECache
-from .encoding import BatchEncoding
-from .model import clear_file_cache
+from .batch_encoding import BatchEncoding
+from .bpe_cache import BPECache
 from .streaming import IncrementalDecoder
+from .tables import clear_file_cache
 from .tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast, forget_bundled
 
 __all__ = ["AddedToken", "BPECache", "BatchEncoding", "IncrementalDecoder", "Qwen2Tokenizer", "Qwen2TokenizerFast",
@@ -37,7 +37,7 @@ __all__ = ["AddedToken", "BPECache", "BatchEncoding", "IncrementalDecoder", "Qwe
 def clear_caches():
     """Empty the tokenizer package's module-level caches; each is also bounded while it fills:
 
-    * the parsed tables of loaded files (`model.py`: up to 256 MB, least recently used out), so the next
+    * the parsed tables of loaded files (`tables.py`: up to 256 MB, least recently used out), so the next
       ``from_pretrained`` of the same files parses them again (tokenizers already made keep theirs);
     * the bundled tokenizer kept for the command line and doctests (`load_bundled`), with its BPE cache;
     * the Unicode tables derived on first use (`unicode_compat.py`, one value each, recomputed on use).

@@ -6,7 +6,8 @@ warn once if a sequence is longer than ``model_max_length`` -> pad -> convert to
 """
 
 from ..errors import TokenizerInputError, TokenizerTypeError
-from .encoding import BatchEncoding, pad_rows, truncate_pair
+from .batch_encoding import BatchEncoding, pad_rows, truncate_pair
+from .decoding import logger
 
 LARGE_INTEGER = int(1e20)  # above this, model_max_length means "unknown" (transformers' rule)
 _STRATEGIES = ("longest_first", "only_first", "only_second", "do_not_truncate")
@@ -207,8 +208,6 @@ class BatchMethods:
 
     def _warn_too_long(self, n):
         if not self.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum"):
-            from .decoding import logger
-
             logger.warning(
                 "Token indices sequence length is longer than the specified maximum sequence length for this "
                 f"model ({n} > {self.model_max_length}). Running this sequence through the model will result "

@@ -16,17 +16,10 @@ import threading
 from importlib import resources
 
 from ..errors import TokenizerFileError, TokenizerTypeError
-from .files import (
-    SPECIAL_TOKEN_KEYS,
-    added_token_from_json,
-    find_tokenizer_files,
-    json_text,
-    merges_txt_text,
-    read_json,
-    read_text,
-    read_tokenizer_config,
-    vocab_json_text,
-)
+from ..io.hub import resolve_model_path
+from .files import (SPECIAL_TOKEN_KEYS, added_token_from_json, find_tokenizer_files, json_text, merges_txt_text,
+    read_json, read_text, read_tokenizer_config, vocab_json_text)
+from .gguf import gguf_tokenizer_kwargs
 
 
 def bundled_tokenizer_dir():
@@ -95,15 +88,11 @@ def load_tokenizer(cls, path, kwargs):
         path = bundled_tokenizer_dir()
     path = os.fspath(path)
     if not os.path.exists(path):  # `test` (the fetched test checkpoint) or a Hub id, as for the model
-        from ..hub import resolve_model_path
-
         path = os.fspath(resolve_model_path(path))
     if os.path.isdir(path):
         found = constructor_kwargs_from_folder(path)
     elif os.path.isfile(path) and path.lower().endswith(".gguf"):
-        from ..io.gguf_file import load_gguf_tokenizer  # written by the GGUF reader; imported only here
-
-        tok = load_gguf_tokenizer(path)
+        tok = cls(**gguf_tokenizer_kwargs(path))    # gguf.py: the tokenizer a GGUF carries in its metadata
         for key, value in kwargs.items():  # overrides of plain settings; the tables come from the file
             if key not in _SETTABLE:
                 raise TokenizerFileError(

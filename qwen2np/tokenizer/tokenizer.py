@@ -16,18 +16,19 @@ Batching, padding and truncation live in `batch.py`; decoding in `decoding.py`; 
 import operator
 import threading
 
+from ..chat.template import apply_chat_template
 from ..errors import TokenizerInputError, TokenizerTypeError
 from .added_tokens import AddedToken, AddedVocabulary
 from .batch import BatchMethods
 from .bpe import bpe
+from .bpe_cache import BPECache
 from .bytes_level import to_byte_level
-from .cache import BPECache
 from .decoding import DecodeMethods, as_id
 from .files import (SETTINGS, SPECIAL_TOKEN_KEYS, added_token_from_json, read_merges_txt, read_vocab_json,
-                    setting_problem)
+    setting_problem)
 from .loading import load_tokenizer, save_tokenizer
-from .model import build_model, load_model_files, load_tokenizer_json_model
 from .pretokenize import nfc, pretokenize
+from .tables import build_model, load_model_files, load_tokenizer_json_model
 
 
 VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when none is known
@@ -85,7 +86,7 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
             model = build_model(vocab, merges if merges is not None else [], "vocab", merges_where, line_numbers)
         self._vocab, self._merges, self._merge_table, self._id_to_token, self._byte_ids = model
         self._full_alphabet = None not in self._byte_ids
-        # piece -> ids: this tokenizer's own, bounded in bytes, thread-safe (cache.py); the tables above
+        # piece -> ids: this tokenizer's own, bounded in bytes, thread-safe (bpe_cache.py); the tables above
         # are shared, read-only, with every tokenizer made from the same files
         self.bpe_cache = BPECache()
 
@@ -105,7 +106,7 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
         # -- settings (the names and meanings of transformers' PreTrainedTokenizerBase); the checked ones
         # (files.SETTINGS) are checked again whenever they are set, in __setattr__
         self.name_or_path = str(name_or_path)
-        # None: no NFC step, as transformers builds the tokenizer of a GGUF file (qwen2np.io.gguf_tokenizer)
+        # None: no NFC step, as transformers builds the tokenizer of a GGUF file (qwen2np.tokenizer.gguf)
         self.normalization = normalization
         self.errors = errors
         self.add_prefix_space = bool(add_prefix_space) if add_prefix_space is not None else False
@@ -405,9 +406,7 @@ class Qwen2Tokenizer(BatchMethods, DecodeMethods):
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, conversation, **kwargs):
-        """Render (and by default tokenize) a conversation with the chat template; see qwen2np.chat_template."""
-        from ..chat_template import apply_chat_template  # the chat-template module, imported on use
-
+        """Render (and by default tokenize) a conversation with the chat template; see qwen2np.chat.template."""
         return apply_chat_template(self, conversation, **kwargs)
 
     def __repr__(self):
