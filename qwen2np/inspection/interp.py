@@ -73,7 +73,38 @@ def _recorded(t, name, step=-1):
     if name not in t:
         raise IntermediateNameError(f"{name} was not recorded: trace it (e.g. qwen2np.trace(model, "
                                     f"*qwen2np.inspection.interp.stream_names(model))) before asking for this")
-    return to_numpy(t.history(name)[step])
+    history = t.history(name)
+    n = len(history)
+    return to_numpy(history[_index(step, f"{name}: step", n, f"the {n} forward pass(es) the trace recorded")])
+
+
+def _index(value, what, size, axis):
+    """`value` as an index into `axis` of length `size` (negative from the end), or a TraceError: an
+    integer, not a float, a bool or anything else that would be silently rounded or reinterpreted."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TraceError(f"{what}: expected an integer, found {value!r} ({type(value).__name__})")
+    if not -size <= value < size:
+        raise TraceError(f"{what} {value} is outside {axis}")
+    return int(value)
+
+
+def _indices(values, what, size, axis, allow_negative=True):
+    """A list of indices as an int64 array [N] (see `_index`); token ids (`allow_negative=False`) count
+    from 0 only: a negative id is not "from the end" of the vocabulary."""
+    array = np.asarray(values)
+    if array.dtype == object or array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise TraceError(f"{what}: expected integers, found {array.tolist()!r:.80} of dtype {array.dtype}")
+    array = array.astype(np.int64).reshape(-1)
+    bad = array[(array < (-size if allow_negative else 0)) | (array >= size)]
+    if bad.size:
+        raise TraceError(f"{what} {bad.tolist()} {'are' if bad.size > 1 else 'is'} outside {axis}")
+    return array
+
+def _count(value, what):
+    """A positive integer (a number of things to return), or a TraceError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise TraceError(f"{what}: expected an integer >= 1, found {value!r}")
+    return int(value)
 
 
 def unembed(model, stream):
@@ -108,13 +139,14 @@ def logit_lens(model, t, names=None, positions=None, top_k=1, tokens=(), batch=0
     """
     names = stream_names(model) if names is None else list(names)
     first = _recorded(t, names[0], step)
-    T = first.shape[1]
-    positions = np.arange(T) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
-    if positions.size == 0 or positions.min() < -T or positions.max() >= T:
-        raise TraceError(f"logit_lens: positions {positions.tolist()} are outside the T axis of length {T}")
-    if not 0 <= batch < first.shape[0]:
-        raise TraceError(f"logit_lens: batch={batch} but the trace recorded {first.shape[0]} row(s)")
-    tokens = [int(i) for i in tokens]
+    B, T = first.shape[:2]
+    positions = np.arange(T) if positions is None else _indices(positions, "logit_lens: positions", T, f"the T axis of length {T}")
+    if positions.size == 0:
+        raise TraceError("logit_lens: positions is empty")
+    batch = _index(batch, "logit_lens: batch", B, f"the {B} row(s) the trace recorded") % B
+    top_k = _count(top_k, "logit_lens: top_k")
+    tokens = _indices(tokens, "logit_lens: tokens", model.config.vocab_size,
+                      f"the ids [0, {model.config.vocab_size})", allow_negative=False).tolist()
     top_ids, top_probs, token_probs = [], [], []
     for name in names:
         x = _recorded(t, name, step)[batch, positions]                     # [P, D]
@@ -178,16 +210,14 @@ def direct_logit_attribution(model, t, tokens, position=-1, batch=0, step=-1):
     """
     p, norm_w, lm_head = _head(model)
     L = model.config.num_hidden_layers
-    tokens = [int(i) for i in np.asarray(tokens).reshape(-1)]
     final = _recorded(t, f"{p}layers.{L - 1}", step)                  # [B, T, D]
     B, T, D = final.shape
-    if not -T <= position < T:
-        raise TraceError(f"direct_logit_attribution: position {position} is outside the T axis of length {T}")
-    if not 0 <= batch < B:
-        raise TraceError(f"direct_logit_attribution: batch={batch} but the trace recorded {B} row(s)")
+    position = _index(position, "direct_logit_attribution: position", T, f"the T axis of length {T}")
+    batch = _index(batch, "direct_logit_attribution: batch", B, f"the {B} row(s) the trace recorded") % B
     V = lm_head.shape[0]
-    if any(not 0 <= i < V for i in tokens):
-        raise TraceError(f"direct_logit_attribution: tokens {tokens} must be ids in [0, {V})")
+    tokens = _indices(tokens, "direct_logit_attribution: tokens", V, f"the ids [0, {V})", allow_negative=False).tolist()
+    if not tokens:
+        raise TraceError("direct_logit_attribution: tokens is empty")
     heads = f"{p}layers.0.self_attn.head_out" in t
 
     names, parts = [f"{p}embed_tokens"], [_recorded(t, f"{p}embed_tokens", step)[batch, position]]
@@ -244,9 +274,10 @@ def patching_sweep(model, clean_ids, corrupt_ids, metric, name="model.layers.{l}
                          f"found {clean_ids.shape} and {corrupt_ids.shape}")
     T = clean_ids.shape[1]
     layers = list(range(model.config.num_hidden_layers)) if layers is None else list(layers)
-    positions = list(range(T)) if positions is None else [int(p) for p in positions]
-    if not positions or any(not -T <= p < T for p in positions):
-        raise TraceError(f"patching_sweep: positions {positions} are outside the T axis of length {T}")
+    positions = list(range(T)) if positions is None else _indices(positions, "patching_sweep: positions", T,
+                                                                 f"the T axis of length {T}").tolist()
+    if not positions:
+        raise TraceError("patching_sweep: positions is empty")
     names = [name.format(l=l) for l in layers]
 
     def score(ids, edits=None):

@@ -20,8 +20,6 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CheckpointError, MissingDependencyError
 from .gguf_header import read_gguf_header
 from .gguf_names import hf_name

@@ -6,7 +6,8 @@ Files, one concept each, in pipeline order:
 * ``pretokenize.py``: NFC normalisation and the Qwen2 pre-tokenization regex;
 * ``bytes_level.py``: GPT-2's byte -> printable character table;
 * ``bpe.py``: BPE by merge rank (a teaching loop, a fast loop, and a heap for long pieces);
-* ``tokenizer.py``: the Qwen2Tokenizer class (tables, encoding, special tokens);
+* ``tokenizer.py``: the Qwen2Tokenizer class (construction, encoding); ``vocabulary.py``: its tokens and
+  special tokens;
 * ``decoding.py``: ids -> text;
 * ``batch.py`` and ``batch_encoding.py``: ``tokenizer(texts, padding=..., truncation=...)`` and BatchEncoding;
 * ``streaming.py``: IncrementalDecoder for token-by-token output;

@@ -387,31 +387,6 @@ def test_bounds_belong_to_their_rendering():
     assert compiled.render() == "  x  "
 
 
-def test_tools_that_cannot_become_schemas_are_template_errors():
-    def unknown_type(x: "NoSuchType"):  # noqa: F821
-        """Do.
-
-        Args:
-            x: an x
-        """
-
-    def bad_choices(x: str):
-        """Do.
-
-        Args:
-            x: an x (choices: [a, b])
-        """
-
-    with pytest.raises(ChatTemplateError, match="tool unknown_type: cannot read its signature and type hints "
-                                                "\\(NameError"):
-        get_json_schema(unknown_type)
-    with pytest.raises(ChatTemplateError, match="tool bad_choices: argument 'x': the docstring's \\(choices: ...\\) "
-                                                "must be a JSON list"):
-        get_json_schema(bad_choices)
-    with pytest.raises(ChatTemplateError, match="cannot read its signature"):
-        get_json_schema(5)
-
-
 def test_a_template_must_be_text():
     with pytest.raises(ChatTemplateError, match="a chat template must be a string .* found int"):
         _render(5)

@@ -181,7 +181,7 @@ def test_attribution_and_lens_refuse_what_they_cannot_do():
         model(ids(T=4))
     with pytest.raises(TraceError, match="position 4 is outside the T axis of length 4"):
         direct_logit_attribution(model, t, tokens=[1], position=4)
-    with pytest.raises(TraceError, match=r"tokens \[48\] must be ids in \[0, 48\)"):
+    with pytest.raises(TraceError, match=r"tokens \[48\] is outside the ids \[0, 48\)"):
         direct_logit_attribution(model, t, tokens=[48])
     with pytest.raises(TraceError, match="needs? a Qwen2ForCausalLM"):
         stream_names(Qwen2Model(Qwen2Config(**TINY), seed=1))
@@ -247,3 +247,42 @@ def test_a_patching_sweep_by_hand_for_one_cell():
         patching_sweep(model, clean, corrupt[:, :4], metric)
     with pytest.raises(TraceError, match="it must differ"):
         patching_sweep(model, clean, clean, metric)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, t: logit_lens(m, t, tokens=[-1]), "tokens \\[-1\\] is outside the ids \\[0, 32\\)"),
+    (lambda m, t: logit_lens(m, t, tokens=[1.0]), "tokens: expected integers"),
+    (lambda m, t: logit_lens(m, t, tokens=[32]), "outside the ids \\[0, 32\\)"),
+    (lambda m, t: logit_lens(m, t, top_k=-3), "top_k: expected an integer >= 1, found -3"),
+    (lambda m, t: logit_lens(m, t, top_k=0), "top_k: expected an integer >= 1"),
+    (lambda m, t: logit_lens(m, t, top_k=2.0), "top_k: expected an integer >= 1"),
+    (lambda m, t: logit_lens(m, t, positions=[1.7]), "positions: expected integers"),
+    (lambda m, t: logit_lens(m, t, positions=[9]), "positions \\[9\\] is outside the T axis of length 3"),
+    (lambda m, t: logit_lens(m, t, positions=[]), "positions is empty"),
+    (lambda m, t: logit_lens(m, t, batch=1), "batch"),
+    (lambda m, t: logit_lens(m, t, batch=0.0), "batch.*expected an integer"),
+    (lambda m, t: logit_lens(m, t, step=5), "step"),
+    (lambda m, t: logit_lens(m, t, step=0.5), "step.*expected an integer"),
+    (lambda m, t: direct_logit_attribution(m, t, tokens=[1.9]), "tokens: expected integers"),
+    (lambda m, t: direct_logit_attribution(m, t, tokens=[-2]), "outside the ids \\[0, 32\\)"),
+    (lambda m, t: direct_logit_attribution(m, t, tokens=[]), "tokens is empty"),
+    (lambda m, t: direct_logit_attribution(m, t, tokens=[1], position=1.0), "position.*expected an integer"),
+    (lambda m, t: direct_logit_attribution(m, t, tokens=[1], position=3), "position 3 is outside the T axis of length 3"),
+    (lambda m, t: direct_logit_attribution(m, t, tokens=[1], batch=True), "batch.*expected an integer"),
+])
+def test_bad_arguments_are_refused_never_coerced(call, message):
+    """An index that would be silently rounded, wrapped or reinterpreted is refused with a TraceError
+    naming the argument (a negative token id used to read token V-1, top_k=-3 returned V-3 tokens)."""
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2), seed=0)
+    with trace(model, *attribution_names(model), *stream_names(model)) as t:
+        model(np.array([[1, 2, 3]]))
+    with pytest.raises(TraceError, match=message):
+        call(model, t)
+
+
+def test_patching_sweep_refuses_fractional_positions():
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2), seed=0)
+    with pytest.raises(TraceError, match="positions: expected integers"):
+        patching_sweep(model, [[1, 2, 3]], [[1, 2, 4]], lambda logits: logits[5], positions=[1.5])
