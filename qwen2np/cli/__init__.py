@@ -8,20 +8,26 @@ non-zero exit status, never a traceback:
 * 2: a usage error (an unknown flag, a malformed flag value), reported by argparse;
 * 1: any qwen2np error (a missing file, a corrupt checkpoint, bad `--ids`), an OS error (no permission,
   a full disk, `--out` naming a file, stdout closed or a broken pipe), running out of memory;
-* 130: Ctrl-C (`qwen2np COMMAND: interrupted`).
+* 130: Ctrl-C (`qwen2np COMMAND: interrupted`); 143: SIGTERM (`qwen2np COMMAND: terminated`), as sent by a
+  timeout or a cancelled CI job. Both stop the command as an exception would, so a folder being written
+  (`convert`, `dump`) is removed and the old one is left as it was.
 
 What the command line changes for its own process (a library call never does): while a command runs,
 `sys.stdout` is wrapped so that a failed write says it was stdout; after such a failure, file
 descriptor 1 is pointed at /dev/null so that Python's exit-time flush does not print "Exception
-ignored ... BrokenPipeError"; a standard stream closed at start (`>&-`, `<&-`) gets /dev/null in its
+ignored ... BrokenPipeError"; SIGTERM raises `Terminated` in the main thread, as SIGINT raises
+KeyboardInterrupt (the previous handler is restored when the command returns); a standard stream closed at start (`>&-`, `<&-`) gets /dev/null in its
 place so that no file the command opens takes its descriptor. An unexpected exception (a bug) is
 also one line, naming its type; QWEN2NP_DEBUG=1 shows its traceback instead.
 """
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import Qwen2npError
@@ -44,6 +50,26 @@ _WRITES_STDOUT = {"tokenize", "generate", "chat", "fetch", "compare"}
 class CommandLineError(Qwen2npError, ValueError):
     """An argument or a standard stream the command cannot use: text that is not valid UTF-8, stdin or
     stdout closed, stdout unable to encode the output."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised like KeyboardInterrupt, so that every `finally` and `with` block runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises `Terminated` in the main thread (where signals arrive)."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -194,7 +220,8 @@ def main(argv=None):
                                        "redirect it to a file or /dev/null instead of closing it")
 
             apply_environment(default=True)   # the command line owns its process: keep freed memory (weights/system.py)
-            status = _module(command).run(args) or 0
+            with _sigterm_raises():
+                status = _module(command).run(args) or 0
             if sys.stdout is not None:
                 sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
             return status
@@ -212,6 +239,9 @@ def main(argv=None):
         except KeyboardInterrupt:
             _say(f"{prefix}: interrupted")
             return 130
+        except Terminated:
+            _say(f"{prefix}: terminated")
+            return 143
         except Exception as e:  # a bug: still one line, unless asked for the traceback
             if os.environ.get("QWEN2NP_DEBUG") == "1":
                 raise
@@ -228,6 +258,8 @@ def main(argv=None):
         raise
     except KeyboardInterrupt:  # Ctrl-C while reporting
         return 130
+    except Terminated:
+        return 143
     finally:
         if sys.stdout is not None and isinstance(sys.stdout, _Stdout):
             sys.stdout = real_stdout

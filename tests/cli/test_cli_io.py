@@ -121,3 +121,37 @@ def test_convert_refuses_what_is_not_a_file(tmp_path):
         r = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(source), str(tmp_path / "out")],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr == f"qwen2np convert: error: {source}: expected a GGUF file, found {found}\n"
+
+
+@pytest.mark.parametrize("command", ["convert", "dump"])
+def test_sigterm_while_writing_leaves_no_temporary_folder(tiny, tmp_path, command):
+    """A timeout or a cancelled CI job sends SIGTERM: the command stops as Ctrl-C stops it, with one line
+    and exit status 143, the half-written folder removed and an existing one untouched."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    folder = tmp_path / "model"
+    assert main(["convert", str(tiny), str(folder)]) == 0
+    # every file is written into the temporary folder; the command waits (for the signal) before the swap
+    script = ("import sys, time, qwen2np.io.folders as folders\n"
+              "def slow(*a, **k):\n"
+              "    print('writing', flush=True)\n"
+              "    time.sleep(60)\n"
+              "folders._swap_in = slow\n"
+              "from qwen2np.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    args = (["convert", str(tiny), str(out)] if command == "convert" else
+            ["dump", "--model", str(folder), "--ids", "1,2,3", "--out", str(out)]) + ["--overwrite"]
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline() == "writing\n", proc.stderr.read()
+    assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.splitlines()[-1] == f"qwen2np {command}: terminated", err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
