@@ -55,7 +55,7 @@ class CacheLayer:
             self._k = xp.empty((B, KV, capacity, HD), dtype=k.dtype)
             self._v = xp.empty((B, KV, capacity, HD), dtype=v.dtype)
         elif self._k.shape[0] != B or self._k.shape[1] != KV or self._k.shape[3] != HD:
-            raise ValueError(
+            raise CacheError(
                 f"cache holds keys of shape [B, KV, S, HD] = {tuple(self.keys.shape)}; "
                 f"new keys {tuple(k.shape)} do not match"
             )
