@@ -14,6 +14,8 @@ without copying the history (amortized O(1)).
 (5, 5, 2)
 """
 
+from contextlib import contextmanager
+
 from ..errors import CacheError
 from ..weights.backend import array_module
 
@@ -141,6 +143,30 @@ class DynamicCache:
     def restore(self, state):
         for layer, s in zip(self.layers, state):
             layer.restore(s)
+
+    @contextmanager
+    def rollback_on_error(self):
+        """Within it, any exception (a trace edit that raises, Ctrl-C, out of memory: BaseException) hands
+        the cache back as it was on entering, not with some layers one step ahead; then it propagates.
+
+        >>> import numpy as np
+        >>> cache = DynamicCache(["full_attention"])
+        >>> k = np.zeros((1, 1, 2, 4), dtype=np.float32)
+        >>> try:
+        ...     with cache.rollback_on_error():
+        ...         _ = cache.update(k, k, 0)
+        ...         raise KeyboardInterrupt
+        ... except KeyboardInterrupt:
+        ...     pass
+        >>> cache.get_seq_length()
+        0
+        """
+        before = self.state()
+        try:
+            yield self
+        except BaseException:
+            self.restore(before)
+            raise
 
     def update(self, k, v, layer_idx):
         return self.layers[layer_idx].update(k, v)
