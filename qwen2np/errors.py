@@ -15,6 +15,11 @@ class ConfigError(Qwen2npError, ValueError):
     """A configuration field is missing, has the wrong type, or contradicts another field."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A model was given something other than a Qwen2Config as its config. Both a TypeError (the natural
+    builtin) and a ConfigError."""
+
+
 class TokenizerFileError(Qwen2npError, ValueError):
     """A vocab.json, merges.txt, tokenizer.json or tokenizer_config.json is missing or malformed."""
 

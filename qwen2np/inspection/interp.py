@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import IntermediateNameError, TraceError
 from ..model.layers import linear, rms_norm
 from ..weights.backend import to_numpy
-from ..weights.store import as_array, take_rows
+from ..weights.store import as_array
 from .names import position_axes
 from .tracing import trace
 
@@ -239,7 +239,7 @@ def direct_logit_attribution(model, t, tokens, position=-1, batch=0, step=-1):
     w = to_numpy(as_array(norm_w)).astype(np.float64)                  # [D]
     # a fresh [K, D] array (rows picked by index are a copy), scaled in place: for the whole vocabulary
     # that is one array of V x D float64, not three
-    direction = to_numpy(take_rows(lm_head, np.asarray(tokens, dtype=np.int64))).astype(np.float64, copy=False)
+    direction = to_numpy(lm_head[np.asarray(tokens, dtype=np.int64)]).astype(np.float64, copy=False)
     direction *= w
     direction *= scale                                                 # [K, D]: lm_head[v] ⊙ w / rms
     terms = parts @ direction.T                                         # [C, D] @ [D, K] -> [C, K]

@@ -9,7 +9,8 @@
 7. ``inputs.py``     the checks on what a caller passes, with errors that say what and where
 8. ``outputs.py``    the output records, with transformers' field names
 9. ``losses.py``     the heads' losses (causal LM, sequence and token classification)
-10. ``pretrained.py`` what every model shares: construction, from_pretrained, save_pretrained, `to`
+10. ``pretrained.py`` what every model shares: construction, from_pretrained, save_pretrained, `to`, and the
+    checks a forward pass makes before it runs (files, cache, memory)
 
 How a stored weight becomes the array a product uses is the business of qwen2np/weights/; the forward pass
 never sees it.

@@ -14,6 +14,8 @@ without copying the history (amortized O(1)).
 (5, 5, 2)
 """
 
+from contextlib import contextmanager
+
 from ..errors import CacheError
 from ..weights.backend import array_module
 
@@ -55,7 +57,7 @@ class CacheLayer:
             self._k = xp.empty((B, KV, capacity, HD), dtype=k.dtype)
             self._v = xp.empty((B, KV, capacity, HD), dtype=v.dtype)
         elif self._k.shape[0] != B or self._k.shape[1] != KV or self._k.shape[3] != HD:
-            raise ValueError(
+            raise CacheError(
                 f"cache holds keys of shape [B, KV, S, HD] = {tuple(self.keys.shape)}; "
                 f"new keys {tuple(k.shape)} do not match"
             )
@@ -141,6 +143,30 @@ class DynamicCache:
     def restore(self, state):
         for layer, s in zip(self.layers, state):
             layer.restore(s)
+
+    @contextmanager
+    def rollback_on_error(self):
+        """Within it, any exception (a trace edit that raises, Ctrl-C, out of memory: BaseException) hands
+        the cache back as it was on entering, not with some layers one step ahead; then it propagates.
+
+        >>> import numpy as np
+        >>> cache = DynamicCache(["full_attention"])
+        >>> k = np.zeros((1, 1, 2, 4), dtype=np.float32)
+        >>> try:
+        ...     with cache.rollback_on_error():
+        ...         _ = cache.update(k, k, 0)
+        ...         raise KeyboardInterrupt
+        ... except KeyboardInterrupt:
+        ...     pass
+        >>> cache.get_seq_length()
+        0
+        """
+        before = self.state()
+        try:
+            yield self
+        except BaseException:
+            self.restore(before)
+            raise
 
     def update(self, k, v, layer_idx):
         return self.layers[layer_idx].update(k, v)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from ..errors import ModelInputError
+
 
 def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
     """Causal (and sliding-window) visibility of keys by queries, by sequence index.  -> [T, S] bool"""
@@ -84,6 +86,55 @@ def build_attention_bias(batch, q_start, q_len, kv_start, kv_len, attention_mask
         visible = visible & keep[:, None, None, :]                            # -> [B, 1, T, S]
     visible = np.broadcast_to(visible, (batch, 1, q_len, kv_len))
     return attention_bias(visible, np.dtype(dtype), xp)
+
+
+def layer_masks(config, attention_mask, position_ids, cache, batch, q_len, dtype, xp=np):
+    """layer type -> AttentionMask for one forward pass of q_len new positions: the additive bias
+    [B, 1, T, S], and its causal span when no key is padding (then attention may skip the hidden triangle).
+
+    attention_mask is None, a padding mask [B, past + T] or a custom additive mask [B or 1, 1, T, S] (used
+    as given); position_ids the caller's positions [B or 1, T], None when the caller gave none; `cache`
+    the DynamicCache the pass extends (None without one): its layers say which keys each layer type keeps.
+
+    >>> from qwen2np import Qwen2Config
+    >>> config = Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    ...                      num_attention_heads=2, num_key_value_heads=1)
+    >>> masks = layer_masks(config, None, None, None, batch=1, q_len=3, dtype=np.dtype(np.float32))
+    >>> (masks["full_attention"].bias[0, 0] == 0).astype(int)
+    array([[1, 0, 0],
+           [1, 1, 0],
+           [1, 1, 1]])
+    """
+    B, T = batch, q_len
+    past = cache.get_seq_length() if cache is not None else 0
+    kinds = set(config.layer_types)
+    if attention_mask is not None and attention_mask.ndim == 4:   # a custom mask, used as given
+        S = past + T
+        if attention_mask.shape not in ((B, 1, T, S), (1, 1, T, S)):
+            raise ModelInputError(f"attention_mask: a 4D mask must have shape [B, 1, T, S] = ({B}, 1, {T}, {S}), "
+                                  f"found {attention_mask.shape}")
+        bias = xp.asarray(attention_mask).astype(dtype, copy=False)
+        return {kind: AttentionMask(bias) for kind in kinds}
+    # subtle: packed sequences (positions restart inside a row) are only detected without a mask or a
+    # cache, as in transformers (docs/masks.md)
+    packed = None
+    if position_ids is not None and attention_mask is None and cache is None:
+        packed = packed_sequence_ids(np.broadcast_to(position_ids, (B, T)))
+    masks = {}
+    for kind in kinds:
+        window = config.sliding_window if kind == "sliding_attention" else None
+        if cache is not None:
+            kv_len, kv_start = cache.get_mask_sizes(T, config.layer_types.index(kind))
+        else:
+            kv_len, kv_start = T, 0
+        bias = build_attention_bias(
+            B, past, T, kv_start, kv_len, attention_mask,
+            None if packed is None else np.broadcast_to(position_ids, (B, T)),
+            window, dtype, packed, xp,
+        )
+        no_padding = packed is None and (attention_mask is None or attention_mask.all())
+        masks[kind] = AttentionMask(bias, CausalSpan(past, kv_start, window) if no_padding else None)
+    return masks
 
 
 @dataclass(frozen=True)

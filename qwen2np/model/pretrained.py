@@ -4,50 +4,68 @@ A model is its config plus a dict of arrays named as in the checkpoint. `Model(c
 weights as transformers does; `Model.from_pretrained(path)` reads a Hugging Face folder or a GGUF file.
 """
 
+import functools
+import inspect
 import warnings
 
-import ml_dtypes
 import numpy as np
 
 from ..config import Qwen2Config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigTypeError
+from ..inspection.tracing import forward_pass
 from ..io.checkpoint import open_checkpoint
 from ..io.hf_folder import save_hf_folder
 from ..io.hub import resolve_model_path
 from ..io.stored import StoredTensor
 from ..weights.backend import backend as array_backend
-from ..weights.backend import COMPUTE_DTYPES, resolve_dtype, to_numpy
+from ..weights.backend import COMPUTE_DTYPES, array_module, resolve_dtype, to_numpy
 from ..weights.parameters import check_memory, check_shapes, random_parameters
-from ..weights.plan import parse_memory, plan_weights
-from ..weights.store import StoredWeight, convert_rows, convert_whole, hold_weights, reads_file
+from ..weights.plan import check_forward, parse_memory, plan_weights
+from ..weights.store import StoredWeight, convert_rows, convert_whole, hold_weights, reads_file, row_chunks
 from ..weights.system import apply_environment as apply_memory_environment
 from ..weights.system import default_budget
-
 
 
 class Qwen2PreTrainedModel:
     """Base of Qwen2Model and the heads.
 
     `self.params` maps checkpoint names to arrays (a tied lm_head is not stored twice). Subclasses
-    define `parameter_shapes(config)` and `_set_params(params)`, which keeps the dict and indexes it.
+    define `parameter_shapes(config)` and `_set_params(params)`, which keeps the dict and indexes it, and
+    a `__call__` decorated with `model_forward`; `model.forward` is the same call, as in transformers.
     """
 
     base_model_prefix = "model"
     # heads of the other classes, dropped (with a warning) when a checkpoint of one class is loaded in another
     foreign_heads = ("lm_head.weight", "score.weight", "score.bias")
 
-    def __init__(self, config, *, dtype="float32", seed=0):
-        """A model with random weights drawn from `seed`, as transformers' `Model(config)`.
+    def __init__(self, config, *, dtype="float32", seed=0, params=None, weight_plan=None, mapped_files=()):
+        """A model of `config` computing in `dtype`, with random weights drawn from `seed` as transformers'
+        `Model(config)` draws them; or, when given, with `params` ({checkpoint name: array or StoredWeight},
+        used as they are), as `from_pretrained` makes it: `weight_plan` says how they are held
+        (weights.plan.WeightPlan), `mapped_files` are the files they are read from while the model runs.
 
-        The memory it needs is checked first: a config too big for this machine is refused with the
-        figures (e.g. the 11-billion-parameter default `Qwen2Config()`).
+        The memory random weights need is checked first: a config too big for this machine is refused
+        with the figures (e.g. the 11-billion-parameter default `Qwen2Config()`).
         """
         if not isinstance(config, Qwen2Config):
-            raise TypeError(f"{type(self).__name__} needs a Qwen2Config, got {type(config).__name__}")
-        dtype = resolve_dtype(dtype)
-        shapes = self.parameter_shapes(config)
-        check_memory(shapes, dtype, f"{type(self).__name__}({_describe(config)})")
-        self._setup(config, dtype, random_parameters(shapes, config, dtype, seed))
+            raise ConfigTypeError(f"{type(self).__name__} needs a Qwen2Config, got {type(config).__name__}")
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        if params is None:
+            shapes = self.parameter_shapes(config)
+            check_memory(shapes, self.dtype, f"{type(self).__name__}({_describe(config)})")
+            params = random_parameters(shapes, config, self.dtype, seed)
+        apply_memory_environment(default=False)   # malloc left alone unless QWEN2NP_KEEP_FREED_MEMORY=1 (weights/system.py)
+        self.xp = array_module(*params.values())  # the module of the arrays: numpy, or cupy after to("cupy")
+        self.weight_plan = weight_plan            # None when built in memory
+        self._mapped_files = tuple(mapped_files)
+        self._set_params(params)
+        self._attach_generation_config(None)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" in vars(cls):
+            cls.forward = cls.__call__   # transformers' name for the forward pass
 
     @classmethod
     def from_config(cls, config, *, dtype="float32", seed=0):
@@ -55,19 +73,21 @@ class Qwen2PreTrainedModel:
 
     @classmethod
     def _from_params(cls, config, params, dtype, plan=None, files=()):
-        model = cls.__new__(cls)
-        model._setup(config, resolve_dtype(dtype), params, plan, files)
-        return model
+        """`cls(config, dtype=, params=, weight_plan=, mapped_files=)`, positionally."""
+        return cls(config, dtype=dtype, params=params, weight_plan=plan, mapped_files=files)
 
-    def _setup(self, config, dtype, params, plan=None, files=()):
-        apply_memory_environment(default=False)   # malloc left alone unless QWEN2NP_KEEP_FREED_MEMORY=1 (weights/system.py)
-        self.config = config
-        self.dtype = dtype
-        self.xp = np
-        self.generation_config = None
-        self.weight_plan = plan          # how the weights are held (weights.plan.WeightPlan), None when built in memory
-        self._mapped_files = tuple(files)  # files the weights are read from while the model runs
-        self._set_params(params)
+    def check_can_run(self, cache, batch, length):
+        """Refuse, before anything is read or written, a forward pass of `batch` x `length` new positions
+        that cannot run: weights read from a file that changed on disk since loading (io/stored.py), a
+        cache made for another model or another batch (cache.py), temporaries beyond the memory budget
+        (weights/plan.py)."""
+        for file in self._mapped_files:
+            file.check()
+        past = 0
+        if cache is not None:
+            cache.check_fits(self.config, batch, self.dtype)
+            past = cache.get_seq_length()
+        check_forward(self.weight_plan, self.config, batch, length, past)
 
     # -- loading ------------------------------------------------------------------------------------
 
@@ -92,12 +112,12 @@ class Qwen2PreTrainedModel:
         plan = plan_weights(stored, dtype, config, budget, what=f"{cls.__name__} from {checkpoint.path}")
         params = hold_weights(tensors, plan, progress)
         files = {id(t.file): t.file for n, t in stored.items() if reads_file(params[n])}   # not converted copies
-        model = cls._from_params(config, params, dtype, plan, files.values())
+        model = cls(config, dtype=dtype, params=params, weight_plan=plan, mapped_files=files.values())
         model._attach_generation_config(checkpoint.generation_config)
         return model
 
     def _attach_generation_config(self, generation_config):
-        pass  # the causal LM keeps one
+        self.generation_config = None   # the causal LM keeps one
 
     @classmethod
     def _params_from_checkpoint(cls, config, tensors, origin, path, dtype=np.float32):
@@ -175,7 +195,7 @@ class Qwen2PreTrainedModel:
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
         # a weight converted per use is written a block at a time (never whole), the others as arrays
-        tensors = {n: a if isinstance(a, StoredWeight) else np.ascontiguousarray(_to_numpy(a))
+        tensors = {n: a if isinstance(a, StoredWeight) else np.ascontiguousarray(to_numpy(a))
                    for n, a in tensors.items()}
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
@@ -206,7 +226,7 @@ class Qwen2PreTrainedModel:
             xp = array_backend(name)
             # subtle: back to NumPy with to_numpy: np.asarray refuses a cupy array (no implicit copies); a
             # weight converted per use is converted whole on the way to the device
-            move = _to_numpy if xp is np else xp.asarray
+            move = to_numpy if xp is np else xp.asarray
             params = {n: move(np.asarray(a) if isinstance(a, StoredWeight) else a) for n, a in self.params.items()}
             self.xp = xp
         self._set_params(params)
@@ -226,9 +246,7 @@ def _same_values(a, b):
         return False
     if not isinstance(a, StoredTensor) or not isinstance(b, StoredTensor):
         return bool(np.array_equal(np.asarray(_whole(a)), np.asarray(_whole(b))))
-    step = max(1, (16 << 20) // max(a.num_columns * 8, 1))
-    for r0 in range(0, a.num_rows, step):
-        r1 = min(a.num_rows, r0 + step)
+    for r0, r1 in row_chunks(a, row_bytes=a.num_columns * 8):    # the store's chunks, of float64 rows
         if not np.array_equal(convert_rows(a, r0, r1, np.float64), convert_rows(b, r0, r1, np.float64)):
             return False
     a.release()
@@ -245,5 +263,19 @@ def _describe(config):
             f"vocab_size={config.vocab_size}")
 
 
-def _to_numpy(a):
-    return to_numpy(a)
+
+def model_forward(call):
+    """Decorates a model class's `__call__`: it runs as a forward pass (`forward_pass`: the traces opened
+    on the model see its intermediates) and returns its output record, or, with `return_dict=False`, the
+    record's tuple, as transformers. The decorated `__call__` keeps `return_dict` in its signature (so
+    that a positional call binds as transformers'), and leaves it to this decorator."""
+    position = list(inspect.signature(call).parameters).index("return_dict") - 1   # among args, after self
+
+    @forward_pass
+    @functools.wraps(call)
+    def forward(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        return_dict = args[position] if len(args) > position else kwargs.get("return_dict")
+        return out if return_dict in (None, True) else out.to_tuple()
+
+    return forward

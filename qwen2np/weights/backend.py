@@ -71,7 +71,7 @@ def backend(name):
                 "the cupy backend needs CuPy: pip install 'qwen2np[cupy]' (and a CUDA GPU)"
             ) from e
         return cupy
-    raise ValueError(f"unknown backend {name!r}: expected 'numpy' or 'cupy'")
+    raise ConfigError(f"unknown backend {name!r}: expected 'numpy' or 'cupy'")
 
 
 def to_numpy(x):

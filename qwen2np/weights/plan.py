@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ModelTooLargeError
+from ..errors import ConfigError, ModelTooLargeError
 from .store import PLAIN_KINDS, block_rows
 from .system import format_bytes
 
@@ -56,7 +56,7 @@ def parse_memory(value):
     else:
         number = unit = None
     if number is None or number <= 0:
-        raise ValueError(f"max_memory: expected a positive number of bytes or a size such as '6GB' or '5.5GiB', "
+        raise ConfigError(f"max_memory: expected a positive number of bytes or a size such as '6GB' or '5.5GiB', "
                          f"found {value!r}")
     return int(number * _UNITS[unit])
 

@@ -35,7 +35,7 @@ from ..io.safetensors_file import is_memory_mapped
 from ..io.stored import PLAIN_KINDS, Checkpoint, StoredTensor
 from .backend import array_module, resolve_dtype
 
-__all__ = ["PLAIN_KINDS", "convert_rows", "convert_whole", "StoredWeight", "matmul_t", "take_rows", "as_array",
+__all__ = ["PLAIN_KINDS", "convert_rows", "convert_whole", "row_chunks", "StoredWeight", "matmul_t", "as_array",
            "block_rows", "hold_weights", "reads_file", "scratch", "clear_scratch"]
 
 CHUNK_BYTES = 16 * 2**20   # stored bytes converted per step when a whole tensor is converted ahead of time
@@ -95,12 +95,19 @@ def convert_whole(stored, dtype):
         return stored.values.reshape(stored.shape)
     out = np.empty(stored.shape, dtype=dtype)
     rows = out.reshape(stored.num_rows, stored.num_columns)
-    step = max(1, CHUNK_BYTES // max(stored.row_nbytes, 1))
-    for r0 in range(0, stored.num_rows, step):
-        r1 = min(stored.num_rows, r0 + step)
+    for r0, r1 in row_chunks(stored):
         convert_rows(stored, r0, r1, dtype, out=rows[r0:r1])
         stored.file.release(stored.start + r0 * stored.row_nbytes, (r1 - r0) * stored.row_nbytes)
     return out
+
+
+def row_chunks(stored, row_bytes=None):
+    """(r0, r1) of consecutive runs of rows of a StoredTensor, of CHUNK_BYTES each (at least one row),
+    counting `row_bytes` per row: its stored bytes by default, or those of a row once converted. The steps
+    in which a whole tensor is read, or compared (model/pretrained.py)."""
+    step = max(1, CHUNK_BYTES // max(stored.row_nbytes if row_bytes is None else row_bytes, 1))
+    for r0 in range(0, stored.num_rows, step):
+        yield r0, min(stored.num_rows, r0 + step)
 
 
 class StoredWeight:
@@ -134,6 +141,25 @@ class StoredWeight:
             return convert_rows(self.stored, r0, r1, out.dtype if out is not None else self.dtype, out)
         out[...] = convert_rows(self.stored, r0, r1, self.dtype)     # rounded to the compute dtype first
         return out
+
+    def __getitem__(self, ids):
+        """The rows `ids` (an integer array of any shape, or an int) in the compute dtype: [*ids.shape, C],
+        converting only those rows. An embedding lookup reads the same whatever holds the table:
+        `embed_tokens[input_ids]`."""
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{self.stored.name}: a weight converted per use is indexed by an integer array of "
+                            f"rows, found {ids.dtype} (np.asarray(weight) converts it whole)")
+        V = self.shape[0]
+        flat = ids.reshape(-1)
+        if flat.size and (flat.min() < -V or flat.max() >= V):
+            bad = flat[(flat < -V) | (flat >= V)][0]
+            raise IndexError(f"{self.stored.name}: row {bad} is out of bounds for {V} rows")
+        out = np.empty((flat.size, self.shape[1]), dtype=self.dtype)
+        for i, row in enumerate(np.where(flat < 0, flat + V, flat).tolist()):   # -1: the last row, as NumPy
+            self.rows(row, row + 1, out=out[i:i + 1])
+        self.done()
+        return out.reshape(*ids.shape, self.shape[1])
 
     def chunks(self, n):
         """The values in C order, a block of rows (about n values) at a time: for writing the weight out
@@ -272,19 +298,6 @@ def scratch(shape, dtype, xp=np):
 def clear_scratch():
     """Let this thread's conversion buffers go (they come back at the next product)."""
     _scratch.buffers = {}
-
-
-def take_rows(weight, ids):
-    """W[ids] for an embedding table W [V, D] (array or StoredWeight): [*ids.shape, D]; a stored table
-    converts only the rows asked for."""
-    if not isinstance(weight, StoredWeight):
-        return weight[ids]
-    flat = np.asarray(ids).reshape(-1)
-    out = np.empty((flat.size, weight.shape[1]), dtype=weight.dtype)
-    for i, row in enumerate(flat.tolist()):
-        weight.rows(row, row + 1, out=out[i:i + 1])
-    weight.done()
-    return out.reshape(*np.shape(ids), weight.shape[1])
 
 
 def hold_weights(tensors, plan, progress=None):

@@ -112,7 +112,7 @@ def test_each_operation_fed_transformers_inputs_gives_transformers_output(real_d
     order than oneDNN's) in at least 99.5 % of its elements (measured: 99.88-99.99 %), the others one unit
     in the last place away (or, where the sum cancels to almost nothing, within float32's rounding of its
     terms)."""
-    from qwen2np.model.attention import _attend
+    from qwen2np.model.attention import grouped_query_attention
     from qwen2np.model.layers import linear, rms_norm, silu
     from qwen2np.model.rope import apply_rope
 
@@ -135,8 +135,9 @@ def test_each_operation_fed_transformers_inputs_gives_transformers_output(real_d
                                              c.rms_norm_eps),
         "mlp.act": silu(t[f"{s}.mlp.gate_proj"]),
     }
-    context, probs = _attend(t[f"{s}.self_attn.q_rope"], t[f"{s}.self_attn.k_rope"],
-                             heads(t[f"{s}.self_attn.v_proj"], KV), t[f"{s}.self_attn.mask"], HD ** -0.5)
+    context, probs = grouped_query_attention(t[f"{s}.self_attn.q_rope"], t[f"{s}.self_attn.k_rope"],
+                                             heads(t[f"{s}.self_attn.v_proj"], KV), t[f"{s}.self_attn.mask"],
+                                             HD ** -0.5)
     products = {
         "self_attn.q_proj": linear(t[f"{s}.input_layernorm"], P[f"{s}.self_attn.q_proj.weight"],
                                    P[f"{s}.self_attn.q_proj.bias"]),

@@ -1,25 +1,19 @@
-"""The model's own contracts: dtypes, errors on bad input, initialisation, heads, saving and loading."""
+"""The model's own contracts: construction, dtypes, errors on bad input, heads, saving and loading.
+
+The parts have their own files: test_masks.py, test_rope.py, test_cache.py, test_losses.py."""
 
 import numpy as np
 import pytest
 
 import qwen2np
-from qwen2np import (DynamicCache, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
-                     Qwen2ForTokenClassification, Qwen2Model)
-from qwen2np.errors import CheckpointError, ModelTooLargeError
-
-TINY = dict(vocab_size=40, hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=6,
-            num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
-            use_sliding_window=True, sliding_window=3, max_window_layers=1)
+from qwen2np import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2Model
+from qwen2np.errors import CheckpointError, ConfigError, ModelTooLargeError
+from tiny_model import TINY, cache_contents, ids, same_contents, tiny_lm
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return Qwen2ForCausalLM(Qwen2Config(**TINY, initializer_range=0.3), seed=1)
-
-
-def ids(B=2, T=6, seed=0):
-    return np.random.default_rng(seed).integers(1, TINY["vocab_size"], (B, T))
+    return tiny_lm()
 
 
 def test_default_config_is_refused_before_allocating():
@@ -96,16 +90,6 @@ def test_bad_input_does_not_corrupt_the_cache(lm):
     assert cache.get_seq_length() == 5 and good.logits.shape == (1, 1, 40)
 
 
-def cache_contents(cache):
-    return [(layer.seen, None if layer.keys is None else layer.keys.copy(),
-             None if layer.values is None else layer.values.copy()) for layer in cache.layers]
-
-
-def same_contents(a, b):
-    return all(sa == sb and (ka is None and kb is None or np.array_equal(ka, kb)) and
-               (va is None and vb is None or np.array_equal(va, vb)) for (sa, ka, va), (sb, kb, vb) in zip(a, b))
-
-
 def _raising_edit(x):
     raise RuntimeError("an edit that fails half way through the forward pass")
 
@@ -147,31 +131,6 @@ def test_a_call_that_raises_leaves_the_cache_as_it_was(lm, name):
     assert np.array_equal(lm(step, past_key_values=cache).logits, expected)
 
 
-@pytest.mark.parametrize("other", [dict(num_hidden_layers=3, max_window_layers=1), dict(num_key_value_heads=3),
-                                   dict(sliding_window=4), dict(use_sliding_window=False)],
-                         ids=["layers", "KV heads", "window", "no window"])
-def test_a_cache_made_for_another_config_is_refused_naming_both(lm, other):
-    foreign_model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, **other}), seed=0)
-    cache = foreign_model(ids(1, 3)).past_key_values
-    before = cache_contents(cache)
-    with pytest.raises(qwen2np.errors.CacheError) as e:
-        lm(ids(1, 1), past_key_values=cache)
-    message = str(e.value)
-    assert "this cache was made for" in message and "this model has" in message and "2 layers" in message
-    assert same_contents(cache_contents(cache), before)
-    empty = DynamicCache.from_config(foreign_model.config)   # an empty cache of another shape: refused too
-    if other.get("num_key_value_heads") is None:
-        with pytest.raises(qwen2np.errors.CacheError):
-            lm(ids(1, 1), past_key_values=empty)
-
-
-def test_a_cache_of_another_dtype_is_refused(lm):
-    model64 = Qwen2ForCausalLM(Qwen2Config(**TINY), dtype="float64", seed=1)
-    cache = model64(ids(1, 3)).past_key_values
-    with pytest.raises(qwen2np.errors.CacheError, match="float64"):
-        lm(ids(1, 1), past_key_values=cache)
-
-
 def test_random_init_is_seeded_and_shaped_like_transformers():
     config = Qwen2Config(**TINY, initializer_range=0.05)
     a, b = Qwen2ForCausalLM(config, seed=3), Qwen2ForCausalLM(config, seed=3)
@@ -187,6 +146,34 @@ def test_random_init_is_seeded_and_shaped_like_transformers():
     assert tied.num_parameters() == a.num_parameters() - 40 * 24
 
 
+def test_a_model_is_built_from_a_config_or_from_given_weights(lm):
+    """One constructor: random weights from the seed, or the arrays given (as from_pretrained hands over
+    what it holds); a head's base model shares its arrays, not copies; anything but a config is refused."""
+    twin = Qwen2ForCausalLM(lm.config, params=dict(lm.params))
+    assert all(twin.params[n] is a for n, a in lm.params.items())
+    assert np.array_equal(twin(ids()).logits, lm(ids()).logits)
+    assert twin.generation_config.to_dict() == lm.generation_config.to_dict() and twin.model.generation_config is None
+    base = lm.model
+    assert isinstance(base, Qwen2Model) and base.scope == "model" and base.config is lm.config
+    assert all(base.params[n[len("model."):]] is a for n, a in lm.params.items() if n.startswith("model."))
+    assert base.embed_tokens is lm.params["model.embed_tokens.weight"]
+    assert Qwen2Model(lm.config, params=base.params).intermediate_names()[0] == "embed_tokens"
+    with pytest.raises(TypeError, match="Qwen2ForCausalLM needs a Qwen2Config, got dict") as e:
+        Qwen2ForCausalLM(TINY)
+    assert isinstance(e.value, ConfigError)
+
+
+def test_forward_is_the_call_and_return_dict_false_gives_tuples(lm):
+    assert Qwen2ForCausalLM.forward is Qwen2ForCausalLM.__call__ and Qwen2Model.forward is Qwen2Model.__call__
+    x = ids()
+    out = lm.forward(x, use_cache=False)
+    assert np.array_equal(out.logits, lm(x).logits)
+    positional = lm(x, None, None, None, None, None, False, None, None, False)     # return_dict, 10th
+    assert isinstance(positional, tuple) and np.array_equal(positional[0], out.logits)
+    bare = lm.model(x, None, None, None, None, False, None, None, False)          # the base model's 9th
+    assert isinstance(bare, tuple) and len(bare) == 1 and bare[0].shape == (2, 6, 24)
+
+
 def test_sequence_classification_pools_the_rightmost_non_pad_token():
     config = Qwen2Config(**TINY, num_labels=3)
     model = Qwen2ForSequenceClassification(config, seed=0)
@@ -197,26 +184,6 @@ def test_sequence_classification_pools_the_rightmost_non_pad_token():
     assert np.allclose(out.logits, scores[[0, 1], [4, 6]])
     with pytest.raises(ValueError, match="no padding token"):
         Qwen2ForSequenceClassification(Qwen2Config(**{**TINY, "pad_token_id": None}))(x)
-
-
-def test_token_classification_loss_ignores_minus_100():
-    model = Qwen2ForTokenClassification(Qwen2Config(**TINY, num_labels=4), seed=0)
-    x = ids(1, 5)
-    labels = np.array([[1, -100, 2, 3, -100]])
-    out = model(x, labels=labels)
-    logits = out.logits[0].astype(np.float64)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    expected = -np.mean([logp[0, 1], logp[2, 2], logp[3, 3]])
-    assert abs(float(out.loss) - expected) < 1e-5
-
-
-def test_cache_objects(lm):
-    cache = DynamicCache.from_config(lm.config)
-    out = lm(ids(1, 5), past_key_values=cache)
-    assert out.past_key_values is cache
-    k, v = cache[0]
-    assert k.shape == (1, 2, 5, 4)               # full-attention layer: every position
-    assert cache.layers[1].keys.shape[2] == 2    # sliding layer, W = 3: the last W - 1
 
 
 def test_save_and_load_round_trip(tmp_path, lm):

@@ -16,7 +16,7 @@ from qwen2np.errors import CheckpointError, ModelTooLargeError
 from qwen2np.io.checkpoint import open_checkpoint
 from qwen2np.io.safetensors_file import write_safetensors
 from qwen2np.io.stored import open_safetensors
-from qwen2np.weights.store import StoredWeight, convert_rows, matmul_t, take_rows
+from qwen2np.weights.store import StoredWeight, convert_rows, matmul_t
 
 RNG = np.random.default_rng(7)
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -68,12 +68,21 @@ def test_a_converted_weight_gives_bitwise_the_kept_ones_product(tmp_path_factory
                                atol=1e-5 if dtype == np.float32 else 1e-12)
 
 
-def test_take_rows_converts_only_what_it_gathers(tmp_path):
+def test_indexing_a_stored_weight_converts_only_what_it_gathers(tmp_path):
+    """`embed_tokens[ids]` reads the same whatever holds the table: a StoredWeight gathers the rows as
+    the kept array would, any shape of ids, an int, -1 for the last row; a bad index is refused."""
     w = RNG.standard_normal((9, 4), dtype=np.float32)
     stored = stored_matrix(tmp_path, w, "BF16")
-    ids = np.array([[3, 3, 0], [8, 1, 2]])
-    expected = w.astype(ml_dtypes.bfloat16).astype(np.float32)[ids]
-    assert np.array_equal(take_rows(StoredWeight(stored, np.float32), ids), expected)
+    kept = w.astype(ml_dtypes.bfloat16).astype(np.float32)
+    weight = StoredWeight(stored, np.float32)
+    for ids in (np.array([[3, 3, 0], [8, 1, 2]]), np.array([5]), np.array([-1, 0, -9]), 4,
+                np.zeros((2, 0), np.int64)):
+        gathered = weight[ids]
+        assert gathered.dtype == np.float32 and np.array_equal(gathered, kept[ids])
+    with pytest.raises(IndexError, match="row 9 is out of bounds for 9 rows"):
+        weight[np.array([0, 9])]
+    with pytest.raises(TypeError, match="integer array of rows"):
+        weight[1:3]
 
 
 def test_parse_memory():
