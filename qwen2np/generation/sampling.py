@@ -20,6 +20,7 @@ A draw depends only on (seed, row, step), so a row's tokens do not change when o
 >>> draw_token(np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)), uniform(42, 0, 0))
 3
 """
+
 import secrets
 
 import numpy as np

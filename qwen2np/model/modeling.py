@@ -22,6 +22,7 @@ record or edit it.
 >>> out.logits.shape, out.logits.dtype, out.past_key_values.get_seq_length()
 ((1, 3, 32), dtype('float32'), 3)
 """
+
 import warnings
 from contextlib import nullcontext
 
