@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from qwen2np import Qwen2ForCausalLM, Qwen2Tokenizer  # noqa: E402
 from qwen2np.io.fetch import test_checkpoint_path  # noqa: E402
-from qwen2np.golden.compare import distance_db  # noqa: E402
+from qwen2np.golden.metrics import distance_db  # noqa: E402
 from qwen2np.golden.record import record_dump  # noqa: E402
 
 PROMPTS = [

@@ -45,8 +45,10 @@ ALLOWED = {
                    "model", "inspection", "golden", "teaching", "root"},
     "root": set(),   # qwen2np/__init__.py and __main__.py: the lazy public names, anything
 }
-# golden/recipes.py recomputes each operation from a dump: NumPy and the errors only
-ISOLATED = {"qwen2np.golden.recipes": {"errors"}, "qwen2np.golden.metrics": {"errors"}}
+# golden/recipes.py recomputes each operation from a dump (with rotary.py's RoPE tables and rounding.py's
+# half precision), metrics.py measures the difference: NumPy and the errors only, and each other
+ISOLATED = {"qwen2np.golden.recipes": {"errors"}, "qwen2np.golden.metrics": {"errors"},
+            "qwen2np.golden.rotary": {"errors"}, "qwen2np.golden.rounding": {"errors"}}
 # imports allowed inside a function: optional dependencies, each imported only where it is needed
 OPTIONAL = {"gguf", "cupy", "huggingface_hub", "matplotlib"}
 

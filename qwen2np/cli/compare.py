@@ -36,10 +36,11 @@ import sys
 
 from .. import Qwen2ForCausalLM
 from ..errors import DumpError, Qwen2npError
-from ..golden.compare import compare_dumps, format_report
+from ..golden.compare import compare_dumps
 from ..golden.dump import read_dump
-from ..golden.isolate import format_isolation, isolate_dump
+from ..golden.isolate import isolate_dump
 from ..golden.policies import policy_named
+from ..golden.report import format_isolation, format_report
 from ..golden.tolerances import parse_tolerance
 from ..io.hub import resolve_model_path
 

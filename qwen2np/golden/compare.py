@@ -1,15 +1,9 @@
 """Compare two dumps tensor by tensor, in forward order, and name the first tensor out of tolerance.
 
-Per tensor (docs/tolerances.md defines each):
-
-    max abs    max |A - B|
-    mean abs   mean |A - B|
-    rel        max |A - B| / max(max |A|, max |B|)      the number held to the tolerance
-    NMSE dB    10 log10( sum (A - B)^2 / sum B^2 )       B is the reference; None (-inf) when A == B
-    cosine     sum A·B / sqrt(sum A^2 · sum B^2)
-    top-1/5    for logits: the share of positions whose best token (set of 5 best) is the same
-    KL, top-p  for logits: mean KL(softmax B ‖ softmax A) in nats, and the share of positions whose
-               top-p (0.9) nucleus is the same set of tokens
+Per tensor, the figures of metrics.py (docs/tolerances.md defines each), B the reference: max abs,
+mean abs, rel = max |A - B| / max(max |A|, max |B|) (the number held to a float tolerance), NMSE in dB,
+cosine; for logits also top-1 and top-5 agreement, mean KL(softmax B ‖ softmax A) and the share of
+positions whose top-p (0.9) nucleus is the same set of tokens. report.py prints the comparison.
 
 Only positions where the dumps' attention mask is 1 are compared (left padding is backend-dependent);
 the attention mask itself (`…self_attn.mask`) is compared as its pattern of allowed keys, since its
@@ -40,10 +34,10 @@ import numpy as np
 from ..errors import DumpError
 from ..inspection.names import position_axes
 from .fingerprint import differing_weights
+from .metrics import differences, logits_divergence, top_k_agreement
 from .policies import TOP_P, default_policy, policy_named
+from .report import format_report, json_safe   # format_report also here, beside compare_dumps (the notebooks)
 from .tolerances import kind_of, tolerance_for
-
-TOP_K = 5
 
 
 @dataclass
@@ -95,16 +89,6 @@ class Comparison:
             "tensors": [{**asdict(t), "shape": list(t.shape)} for t in self.tensors],
             "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
         })
-
-
-def json_safe(value):
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def compare_dumps(a, b, tolerances=None, policy=None):
@@ -241,171 +225,9 @@ def compare_tensor(name, key, pass_index, x, y, valid, tolerance, logits_figures
     if logits_figures and name.rsplit(".", 1)[-1] == "logits" and x.ndim >= 2:
         rows = None if valid is None else valid[..., 0]
         top1, top5 = top_k_agreement(x, y, rows)
-        kl, top_p = logits_divergence(x, y, rows)
-    xs = np.asarray(x if valid is None else x[valid], dtype=np.float64).reshape(-1)
-    ys = np.asarray(y if valid is None else y[valid], dtype=np.float64).reshape(-1)
-    finite = np.isfinite(xs) & np.isfinite(ys)
-    if not finite.all():
-        if not np.array_equal(xs[~finite], ys[~finite], equal_nan=True):  # inf or NaN on one side only
-            return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape),
-                                    compared=int(xs.size), max_abs=math.inf, mean_abs=math.inf, rel=math.inf,
-                                    nmse_db=math.inf, tolerance=tolerance, ok=False, top1=top1, top5=top5,
-                                    cosine=math.nan, kl=kl, top_p=top_p)
-        xs, ys = xs[finite], ys[finite]     # the same inf or NaN on both sides: compare the rest
-    err = np.abs(xs - ys)
-    max_abs = float(err.max()) if err.size else 0.0
-    scale = max(float(np.abs(xs).max()), float(np.abs(ys).max())) if err.size else 0.0
-    rel = 0.0 if max_abs == 0 else max_abs / scale
-    return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape), compared=int(xs.size),
-                            max_abs=max_abs, mean_abs=float(err.mean()) if err.size else 0.0, rel=rel,
-                            nmse_db=nmse_db(err, ys), tolerance=tolerance, ok=bool(rel <= tolerance),
-                            top1=top1, top5=top5, cosine=cosine(xs, ys), kl=kl, top_p=top_p)
-
-
-def cosine(x, y):
-    """Σ x·y / √(Σ x² · Σ y²), scaled so that no sum overflows or underflows; None when either is all zeros.
-
-    >>> cosine(np.array([1.0, 0.0]), np.array([1.0, 1.0]))
-    0.7071067811865475
-    """
-    px, py = float(np.abs(x).max()) if x.size else 0.0, float(np.abs(y).max()) if y.size else 0.0
-    if px == 0 or py == 0:
-        return None
-    if not (1e-100 < px < 1e100 and 1e-100 < py < 1e100):   # squares would leave float64's range
-        x, y = x / px, y / py
-    # subtle: sums, not np.dot: BLAS's threaded dot stalls for milliseconds per call on a busy machine
-    return float((x * y).sum() / math.sqrt(float((x * x).sum()) * float((y * y).sum())))
-
-
-def distance_db(a, b):
-    """NMSE of a against b in dB over the elements finite in both (-inf: equal).
-
-    >>> round(distance_db(np.array([1.1, np.nan]), np.array([1.0, 2.0])), 6), distance_db([1.0], [1.0])
-    (-20.0, -inf)
-    """
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    finite = np.isfinite(a) & np.isfinite(b)
-    value = nmse_db(np.abs(a[finite] - b[finite]), b[finite])
-    return -np.inf if value is None else value
-
-
-def nmse_db(err, ref):
-    """10·log10(Σ err² / Σ ref²): None when there is no error, inf when the reference is all zeros.
-
-    subtle: computed in log space, each sum scaled by its largest element, so that an error of 1e-159
-    against values near 1e3 gives about -3240 dB instead of underflowing to log10(0).
-
-    >>> round(nmse_db(np.array([0.1, 0.0]), np.array([1.0, 0.0])), 6)
-    -20.0
-    >>> round(nmse_db(np.array([1e-159]), np.array([1e3])))
-    -3240
-    """
-    def log10_energy(v):   # log10(Σ v²) without underflow or overflow
-        peak = float(np.abs(v).max())
-        return 2 * math.log10(peak) + math.log10(float(((v / peak) ** 2).sum()))
-
-    if err.size == 0 or not err.any():
-        return None
-    if not ref.any():
-        return math.inf
-    return 10 * (log10_energy(err) - log10_energy(ref))
-
-
-def logits_divergence(x, y, valid_rows=None, top_p=TOP_P, block=64):
-    """(mean KL(softmax y ‖ softmax x) in nats, share of rows whose top-p nucleus is the same set) over
-    the last axis, y the reference. The nucleus is the smallest set of most likely tokens whose
-    probability reaches `top_p` (what TopPLogitsWarper keeps).
-
-    >>> y = np.log(np.array([[0.5, 0.3, 0.2]])); x = np.log(np.array([[0.5, 0.2, 0.3]]))
-    >>> kl, same = logits_divergence(x, y); round(kl, 4), same    # nuclei {0,1,2} both: 0.9 needs all three
-    (0.0405, 1.0)
-    """
-    x, y = _paired_rows(x, y, valid_rows)
-    if x.shape[0] == 0:
-        return None, None
-    kl, same = [], []
-    for r0 in range(0, x.shape[0], block):
-        lx, ly = _log_softmax(x[r0:r0 + block]), _log_softmax(y[r0:r0 + block])
-        kl.append((np.exp(ly) * (ly - lx)).sum(-1))
-        same.append([_nucleus(a, top_p) == _nucleus(b, top_p) for a, b in zip(lx, ly)])
-    return float(np.concatenate(kl).mean()), float(np.concatenate(same).mean())
-
-
-def _paired_rows(x, y, valid_rows):
-    """x and y as [rows, last axis], keeping only the rows `valid_rows` (a boolean mask) selects."""
-    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    if valid_rows is None:
-        return x, y
-    rows = np.asarray(valid_rows).reshape(-1)
-    return x[rows], y[rows]
-
-
-def _log_softmax(x):
-    x = np.asarray(x, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def _nucleus(log_probs, top_p):
-    order = np.argsort(-log_probs, kind="stable")
-    mass = np.cumsum(np.exp(log_probs[order]))
-    return frozenset(order[:int(np.searchsorted(mass, top_p)) + 1].tolist())
-
-
-def top_k_agreement(x, y, valid_rows=None, k=TOP_K):
-    """(share of rows with the same argmax, share with the same set of k best) over the last axis."""
-    x, y = _paired_rows(x, y, valid_rows)
-    if x.shape[0] == 0:
-        return None, None
-    top1 = float((x.argmax(-1) == y.argmax(-1)).mean())
-    k = min(k, x.shape[-1])
-    best_x = np.sort(np.argpartition(-x, k - 1, axis=-1)[:, :k], axis=-1)
-    best_y = np.sort(np.argpartition(-y, k - 1, axis=-1)[:, :k], axis=-1)
-    return top1, float((best_x == best_y).all(-1).mean())
-
-
-def format_report(comparison, brief=False):
-    """The text report: a header, one line per tensor (only the failures when `brief`), and a verdict."""
-    lines = [f"A: {comparison.a.describe()}", f"B: {comparison.b.describe()}  (reference)"]
-    lines += [f"note: {n}" for n in comparison.notes]
-    reduced = comparison.policy is not None and comparison.policy.rel_tolerances() is None
-    width = max(len(t.key) for t in comparison.tensors)
-    if reduced:
-        lines.append(f"policy {comparison.policy.name}: {comparison.policy.about}")
-        lines.append(f"{'tensor':<{width}}  {'max abs':>9}  {'rel':>9}  {'NMSE dB':>8}  {'cosine':>9}  limit")
-    else:
-        lines.append(f"{'tensor':<{width}}  {'max abs':>9}  {'mean abs':>9}  {'rel':>9}  {'NMSE dB':>8}  {'tolerance':>9}")
-    for t in comparison.tensors:
-        if brief and t.ok:
-            continue
-        nmse = "exact" if t.nmse_db is None else f"{t.nmse_db:8.1f}"
-        verdict = "ok" if t.ok else "OUT OF TOLERANCE"
-        if reduced:
-            cos = "—" if t.cosine is None else f"{t.cosine:9.6f}"
-            line = f"{t.key:<{width}}  {t.max_abs:9.2e}  {t.rel:9.2e}  {nmse:>8}  {cos:>9}  {t.limit}  {verdict}"
-        else:
-            line = (f"{t.key:<{width}}  {t.max_abs:9.2e}  {t.mean_abs:9.2e}  {t.rel:9.2e}  {nmse:>8}  "
-                    f"{t.tolerance:9.1e}  {verdict}")
-        if t.top1 is not None:
-            line += f"  top-1 {100 * t.top1:.1f}%  top-{TOP_K} {100 * t.top5:.1f}%"
-        if t.kl is not None:
-            line += f"  KL {t.kl:.2e}  top-p {100 * t.top_p:.1f}%"
-        lines.append(line)
-    if comparison.only_in_a or comparison.only_in_b:
-        lines.append(f"not compared: {len(comparison.only_in_a)} tensors only in A, {len(comparison.only_in_b)} only in B "
-                     f"(e.g. {', '.join((comparison.only_in_a + comparison.only_in_b)[:3])})")
-    failures = [t for t in comparison.tensors if not t.ok]
-    if failures and reduced:
-        names = ", ".join(t.key for t in failures[:8]) + (", …" if len(failures) > 8 else "")
-        lines.append(f"FAIL: {len(failures)} of {len(comparison.tensors)} tensors are beyond what a correct "
-                     f"{comparison.policy.name} implementation reaches: {names}")
-    elif failures:
-        first = failures[0]
-        lines.append(f"FAIL: {len(failures)} of {len(comparison.tensors)} tensors out of tolerance; the first, in "
-                     f"forward order, is {first.key} (rel {first.rel:.2e} > {first.tolerance:.1e})")
-    elif reduced:
-        lines.append(f"ok: consistent with a correct {comparison.policy.name} implementation (all "
-                     f"{len(comparison.tensors)} tensors within the {comparison.policy.name} policy)")
-    else:
-        lines.append(f"ok: all {len(comparison.tensors)} tensors within tolerance")
-    return "\n".join(lines)
+        kl, top_p = logits_divergence(x, y, rows, top_p=TOP_P)
+    d = differences(x, y, valid)
+    return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape), compared=d.compared,
+                            max_abs=d.max_abs, mean_abs=d.mean_abs, rel=d.rel, nmse_db=d.nmse_db, tolerance=tolerance,
+                            ok=not d.one_sided and bool(d.rel <= tolerance), top1=top1, top5=top5, cosine=d.cosine,
+                            kl=kl, top_p=top_p)

@@ -16,9 +16,11 @@ from hypothesis.extra.numpy import arrays
 
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError
-from qwen2np.golden.compare import compare_dumps, compare_tensor, format_report, top_k_agreement
+from qwen2np.golden.compare import compare_dumps, compare_tensor
 from qwen2np.golden.dump import new_dump, write_dump
+from qwen2np.golden.metrics import top_k_agreement
 from qwen2np.golden.record import record_dump
+from qwen2np.golden.report import format_report
 from qwen2np.golden.tolerances import TOLERANCES, kind_of, parse_tolerance, tolerance_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,11 +11,14 @@ import pytest
 
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError
-from qwen2np.golden.compare import compare_dumps, format_report
+from qwen2np.golden.compare import compare_dumps
 from qwen2np.golden.dump import new_dump, write_dump
-from qwen2np.golden.isolate import format_isolation, isolate_dump, rounding, ulps
+from qwen2np.golden.isolate import isolate_dump
+from qwen2np.golden.metrics import ulps
 from qwen2np.golden.policies import POLICIES, policy_named
 from qwen2np.golden.record import record_dump
+from qwen2np.golden.report import format_isolation, format_report
+from qwen2np.golden.rounding import rounding
 from qwen2np.inspection.tracing import trace
 
 TINY = dict(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -240,7 +243,8 @@ def test_a_hand_made_half_precision_dump(model):
     import ml_dtypes
 
     from qwen2np.golden.fingerprint import weights_fingerprint
-    from qwen2np.golden.isolate import _Recompute, port_weights
+    from qwen2np.golden.isolate import port_weights
+    from qwen2np.golden.recipes import Context, rms_norm
 
     bf16 = {n: w.astype(ml_dtypes.bfloat16) for n, w in model.state_dict().items()}
     x = model.state_dict()["model.embed_tokens.weight"][[[3, 4]]].astype(ml_dtypes.bfloat16)   # [1, 2, D]
@@ -250,8 +254,8 @@ def test_a_hand_made_half_precision_dump(model):
     weights, weight_dtype, note = port_weights(model, dump)
     assert "rounded to bfloat16" in note and weight_dtype == "bfloat16"
     assert weights["lm_head.weight"] is model.state_dict()["lm_head.weight"]   # no rounded copy held
-    recompute = _Recompute(dump, model.config, weights, weight_dtype)
-    norm = recompute.rms_norm(np.asarray(x, np.float64), weights["model.layers.0.input_layernorm.weight"])
+    ctx = Context(model.config, r=rounding(dump.dtype), held=rounding(weight_dtype))
+    norm = rms_norm(ctx, np.asarray(x, np.float64), weights["model.layers.0.input_layernorm.weight"])
     assert np.array_equal(norm, norm.astype(ml_dtypes.bfloat16).astype(np.float64))   # on the bfloat16 grid
     assert isolate_dump(dump, model).ok
 

@@ -12,12 +12,13 @@ import pytest
 
 from conftest import require
 from qwen2np.errors import DumpError
-from qwen2np.golden.compare import compare_dumps, format_report
+from qwen2np.golden.compare import compare_dumps
 from qwen2np.golden.dump import read_dump
-from qwen2np.golden.isolate import format_isolation, isolate_dump
+from qwen2np.golden.isolate import isolate_dump
 from qwen2np.golden.llama_cpp_names import (NODES, forward_order, mask_name, mask_to_qwen2np, qwen2np_name,
                                             to_qwen2np)
 from qwen2np.golden.record import record_dump
+from qwen2np.golden.report import format_isolation, format_report
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CPP_PYTHON = "0.3.36"

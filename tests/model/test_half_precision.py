@@ -14,7 +14,7 @@ import pytest
 
 from conftest import require, transformers_checkpoint_folder
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
-from qwen2np.golden.compare import distance_db
+from qwen2np.golden.metrics import distance_db
 from qwen2np.golden.record import record_dump
 
 pytestmark = pytest.mark.oracle
