@@ -209,6 +209,9 @@ def execute(path, checkpoint=None, measure=False):
 
     nb = nbformat.read(path, as_version=4)
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    # the kernel imports this checkout's qwen2np, whatever is installed (a second checkout or worktree runs
+    # its own code, not the one `pip install -e` pointed at)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     if checkpoint is not None:
         env["QWEN2NP_TEST_CHECKPOINT"] = str(checkpoint)
     if measure:   # one more cell, removed again: the kernel's own peak resident memory
