@@ -20,8 +20,10 @@ scripts/dump_transformers.py write it, `qwen2np compare` reads two.
 
 import errno
 import json
+import math
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +64,14 @@ def plan_passes(num_positions, decode_steps=0):
 
 
 class Dump:
-    """A dump in memory: its manifest (a dict, as in manifest.json) and its tensors by safetensors key."""
+    """A dump: its manifest (a dict, as in manifest.json) and its tensors by safetensors key (arrays; those
+    of a dump read from a folder are memory-mapped, and `stored(key)` reads one a block at a time)."""
 
     def __init__(self, manifest, tensors, folder=None):
         self.manifest = manifest
         self.tensors = tensors
         self.folder = folder
+        self._stored = {}   # key -> (the mapped array read_dump made, its StoredTensor)
 
     @property
     def passes(self):
@@ -97,6 +101,14 @@ class Dump:
     def tensor(self, name, pass_index=0):
         return self[tensor_key(name, pass_index)]
 
+    def stored(self, key):
+        """Tensor `key` to be read a block at a time: a `StoredTensor` of the dump's file when it is still the
+        tensor read_dump read (not replaced since), else the array itself. Indexed block by block
+        (metrics.blocks), it costs the blocks in flight, never the whole tensor."""
+        array = self[key]
+        mapped, stored = self._stored.get(key, (None, None))
+        return stored if mapped is array else array
+
     def __getitem__(self, key):
         if key not in self.tensors:
             raise DumpError(f"{key}: not in the dump{f' at {self.folder}' if self.folder else ''}; it holds "
@@ -108,6 +120,98 @@ class Dump:
         B, N = np.shape(self.manifest["input_ids"])
         return (f"{self.folder or '(in memory)'}: {self.manifest.get('producer', '?')}, {self.dtype}, "
                 f"B={B}, {N} positions in {len(self.passes)} forward pass{'es' * (len(self.passes) != 1)}")
+
+
+class StoredTensor:
+    """A tensor of a dump's tensors.safetensors, read when indexed: `t[index]` reads the elements of one
+    C-contiguous block (a tuple of slices and integers, as metrics.blocks makes) into a new array;
+    `np.asarray(t)` reads it whole.
+
+    subtle: the block is read with plain file reads, through the page cache, which does not count in the
+    process's memory; the pages of a memory map, once touched, count until the map is closed, so that
+    reading a whole dump through its map would hold all of it. The file is opened once, by read_dump:
+    a dump replaced meanwhile (`--overwrite`) is still read as it was.
+    """
+
+    def __init__(self, file, key, start, dtype, shape):
+        self._file, self.key, self._start = file, key, start
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: math.prod(self.shape))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+
+    def __repr__(self):
+        return f"StoredTensor({self.key!r}, shape={self.shape}, dtype={self.dtype.name})"
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[()]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __getitem__(self, index):
+        first, shape, kept = _block(self.shape, index if isinstance(index, tuple) else (index,), self.key)
+        out = np.empty(math.prod(shape), self.dtype)
+        self._file.read_into(out, self._start + first * self.dtype.itemsize, self.key)
+        return out.reshape(kept)
+
+
+class _TensorFile:
+    """tensors.safetensors held open, so that what read_dump checked is what is read; closed with the dump."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+
+    def read_into(self, out, offset, key):
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        try:
+            while done < len(view):
+                if hasattr(os, "preadv"):   # straight into the array
+                    n = os.preadv(self.fd, [view[done:]], offset + done)
+                else:
+                    chunk = os.pread(self.fd, min(len(view) - done, 1 << 26), offset + done)
+                    n = len(chunk)
+                    view[done:done + n] = chunk
+                if n == 0:
+                    raise DumpError(f"{self.path}: {key}: the file ended while reading the tensor (truncated since "
+                                    f"it was opened)")
+                done += n
+        except OSError as e:
+            raise DumpError(f"{self.path}: {key}: cannot read the tensor: {e.strerror or e}") from e
+
+
+def _block(shape, index, key):
+    """(first element, block shape, result shape) of `index` into an array of `shape`: slices of step 1 and
+    integers that select one C-contiguous block; an IndexError otherwise."""
+    if len(index) > len(shape):
+        raise IndexError(f"{key}: {len(index)} indices for a tensor of {len(shape)} axes")
+    starts, dims, kept = [], [], []
+    for axis, n in enumerate(shape):
+        i = index[axis] if axis < len(index) else slice(None)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n)
+            if step != 1:
+                raise IndexError(f"{key}: a StoredTensor reads contiguous blocks, not a slice of step {step}; "
+                                 f"read it whole with np.asarray")
+            starts.append(start)
+            dims.append(max(0, stop - start))
+            kept.append(dims[-1])
+        elif isinstance(i, (int, np.integer)) and not isinstance(i, bool) and -n <= i < n:
+            starts.append(int(i) % n)
+            dims.append(1)
+        else:
+            raise IndexError(f"{key}: index {i!r} on axis {axis} (of length {n}): expected a slice or an integer "
+                             f"in range")
+    cut = len(shape) - 1   # after the last axis not taken whole, every axis must be taken whole ...
+    while cut >= 0 and dims[cut] == shape[cut]:
+        cut -= 1
+    if cut > 0 and math.prod(dims) and any(d != 1 for d in dims[:cut]):   # ... and before it, one index each
+        raise IndexError(f"{key}: {index} is not one contiguous block of {list(shape)}; index with "
+                         f"metrics.blocks, or read it whole with np.asarray")
+    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
+    first = sum(s * t for s, t in zip(starts, strides)) if math.prod(dims) else 0
+    return first, dims, kept
 
 
 def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=None, chat=False,
@@ -309,15 +413,19 @@ def read_dump(folder):
     check_manifest(manifest, str(folder / MANIFEST))
     try:
         header = read_safetensors_header(folder / TENSORS)
-        stored = {e.name: (e.dtype, e.shape) for e in header.entries}
-        tensors = {}
-        for dtype in {SAFETENSORS_DTYPES[d].name for d, _ in stored.values()}:
+        file = _TensorFile(header.path)
+        tensors, stored = {}, {}
+        for e in header.entries:
+            dtype = SAFETENSORS_DTYPES[e.dtype]
+            stored[e.name] = StoredTensor(file, e.name, e.start, dtype, e.shape)
+        for dtype in {s.dtype.name for s in stored.values()}:   # mapped as stored: nothing is read here
             loaded = load_safetensors(folder / TENSORS, dtype=dtype, header=header)
-            tensors.update({k: a for k, a in loaded.items() if SAFETENSORS_DTYPES[stored[k][0]].name == dtype})
+            tensors.update({k: a for k, a in loaded.items() if stored[k].dtype.name == dtype})
     except (CheckpointError, OSError) as e:
         raise DumpError(f"{folder / TENSORS}: cannot read the tensors of the dump: {e}") from e
     dump = Dump(manifest, tensors, folder)
     check_dump(dump, str(folder))
+    dump._stored = {k: (tensors[k], stored[k]) for k in tensors}
     return dump
 
 

@@ -17,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError
 from qwen2np.golden.compare import compare_dumps, compare_tensor
-from qwen2np.golden.dump import new_dump, write_dump
+from qwen2np.golden.dump import FORMAT, FORMAT_VERSION, DumpWriter, new_dump, write_dump
 from qwen2np.golden.metrics import top_k_agreement
 from qwen2np.golden.record import record_dump
 from qwen2np.golden.report import format_report
@@ -198,6 +198,53 @@ def test_the_compare_command_exit_codes_and_json(model, tmp_path):
     assert r.returncode == 2 and "not a dump" in r.stderr
     r = run_cli("compare", good, good, "--tolerance", "x")
     assert r.returncode == 2 and "expected a number or GLOB=NUMBER" in r.stderr
+
+
+MEASURE_COMPARE = r"""
+import json, os, sys
+from qwen2np.cli import main
+import qwen2np.cli.compare   # all that compare imports, before the baseline
+
+def status(key):  # bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+baseline = status("VmRSS")
+sys.stdout = open(os.devnull, "w")
+code = main(["compare", *sys.argv[1:]])
+print(json.dumps({"code": code, "baseline": baseline, "peak": status("VmHWM")}), file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_compare_reads_a_large_tensor_in_blocks(tmp_path):
+    """The peak memory of `qwen2np compare` stays under 2x its largest tensor plus a fixed overhead (it was
+    10x: 1.56 GB above the baseline for the 156 MB logits here), so that what `dump` writes on a machine,
+    `compare` reads there. Measured in a fresh process, from the kernel's VmHWM (as
+    tests/weights/test_loading_peak_memory.py does: ru_maxrss would carry pytest's)."""
+    shape = (1, 256, 151936)   # the logits of 256 positions over Qwen2's vocabulary: 156 MB in float32
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(shape, dtype=np.float32) * np.float32(4)   # peaked, as logits are
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32", "producer": "test",
+                "input_ids": [[1] * shape[1]], "passes": [{"start": 0, "length": shape[1], "tensors": [
+                    {"name": "logits", "key": "logits", "shape": list(shape), "dtype": "float32"}]}]}
+    for name in ("a", "b"):
+        with DumpWriter(tmp_path / name) as writer:
+            writer.add("logits", logits)
+            writer.finish(manifest)
+        logits += np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
+    del logits
+    r = subprocess.run([sys.executable, "-c", MEASURE_COMPARE, str(tmp_path / "a"), str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stderr.strip().splitlines()[-1])
+    used, size = m["peak"] - m["baseline"], 4 * math.prod(shape)
+    assert m["code"] == 1, m   # out of tolerance: the comparison ran to its verdict
+    assert used <= 2 * size + FIXED_OVERHEAD, (used, size)
+    assert used < size, (used, size)   # what reading in blocks gives: not even one copy of the tensor
+
+
+FIXED_OVERHEAD = 128 * 2**20   # bytes: the blocks in flight (metrics.BLOCK elements, float64, a few times over)
 
 
 # -- against transformers, on a tiny random model (the real checkpoint: test_inspection_checkpoint.py) ---

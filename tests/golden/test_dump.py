@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError, OutputExistsError
-from qwen2np.golden.dump import MANIFEST, TENSORS, DumpWriter, new_dump, plan_passes, read_dump, tensor_key, write_dump
+from qwen2np.golden.dump import (MANIFEST, TENSORS, DumpWriter, StoredTensor, new_dump, plan_passes, read_dump,
+    tensor_key, write_dump)
 from qwen2np.golden.fingerprint import config_fingerprint, differing_weights, weight_digest, weights_fingerprint
+from qwen2np.golden.metrics import blocks
 from qwen2np.golden.record import record_dump
 from qwen2np.inspection.tracing import trace
 
@@ -52,7 +54,8 @@ def dumps(draw):
 @settings(max_examples=25)
 @given(dump=dumps())
 def test_a_dump_round_trips(dump, tmp_path_factory):
-    """write, read: the same manifest and the same arrays, bit for bit, in the same dtypes."""
+    """write, read: the same manifest and the same arrays, bit for bit, in the same dtypes; read a block at a
+    time from the file, the same arrays again."""
     folder = write_dump(dump, tmp_path_factory.mktemp("dump"))
     again = read_dump(folder)
     assert again.manifest == json.loads(json.dumps(dump.manifest))
@@ -60,6 +63,10 @@ def test_a_dump_round_trips(dump, tmp_path_factory):
     assert set(again.tensors) == set(dump.tensors)
     for key, array in dump.tensors.items():
         assert again[key].dtype == array.dtype and np.array_equal(again[key], array)
+        stored = again.stored(key)
+        assert isinstance(stored, StoredTensor) and stored.shape == array.shape and stored.dtype == array.dtype
+        for index in blocks(array.shape, 5):
+            assert np.array_equal(stored[index], array[index])
     assert [e["key"] for _, e in again.entries()] == [e["key"] for _, e in dump.entries()]
 
 
@@ -142,6 +149,25 @@ def test_missing_or_broken_files(tmp_path, model):
     (folder / MANIFEST).write_text("{not json")
     with pytest.raises(DumpError, match="not valid JSON"):
         read_dump(folder)
+
+
+def test_a_stored_tensor_reads_blocks_of_the_file_it_was_read_from(model, tmp_path):
+    """Dump.stored reads from the file read_dump opened: a dump replaced meanwhile (--overwrite) is read as it
+    was; a block that is not contiguous is refused; a tensor replaced in memory is what `stored` gives."""
+    old = record_dump(model, [[1, 2, 3]], include=["logits", "model.norm"], fingerprint=None)
+    dump = read_dump(write_dump(old, tmp_path / "d"))
+    write_dump(record_dump(model, [[4, 5, 6]], include=["logits", "model.norm"], fingerprint=None), tmp_path / "d",
+               overwrite=True)
+    stored = dump.stored("logits")                                     # [1, 3, 48]
+    assert np.array_equal(np.asarray(stored), old["logits"]) and np.array_equal(stored[0, 1], old["logits"][0, 1])
+    assert np.array_equal(stored[:, 1:3], old["logits"][:, 1:3]) and stored[:, 1:1].shape == (1, 0, 48)
+    for bad in [(slice(None), slice(None), slice(0, 2)), (slice(None), slice(None, None, 2))]:
+        with pytest.raises(IndexError, match="logits"):
+            stored[bad]
+    dump.tensors["logits"] = dump["logits"] + 1
+    assert dump.stored("logits") is dump.tensors["logits"]
+    with pytest.raises(DumpError, match="other: not in the dump"):
+        dump.stored("other")
 
 
 def qwen2np_cli(*args, cwd=None):
