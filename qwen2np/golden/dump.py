@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+import reprlib
 import shutil
 import weakref
 from pathlib import Path
@@ -218,7 +219,8 @@ def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=
              versions=None, model=None, options=None):
     """Build a Dump from the tensors of each forward pass.
 
-    `passes` is a list of {"start", "length", "tensors": [(name, array), …] in forward order}; `model` is
+    `passes` is a list of {"start", "length", "tensors": [(name, array), …] in forward order} (and
+    "positions", the input positions kept along T when not all: docs/dump-format.md); `model` is
     {"path", "class", "config", "config_fingerprint", "weights_fingerprint"} (docs/dump-format.md).
     """
     manifest = new_manifest(producer=producer, dtype=dtype, input_ids=input_ids, attention_mask=attention_mask,
@@ -230,7 +232,8 @@ def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=
             key = tensor_key(name, index)
             tensors[key] = array
             entries.append({"name": name, "key": key, "shape": list(array.shape), "dtype": array.dtype.name})
-        manifest["passes"].append({"start": int(p["start"]), "length": int(p["length"]), "tensors": entries})
+        kept = {} if p.get("positions") is None else {"positions": [int(i) for i in p["positions"]]}
+        manifest["passes"].append({"start": int(p["start"]), "length": int(p["length"]), **kept, "tensors": entries})
     dump = Dump(manifest, tensors)
     check_dump(dump, "new_dump")
     return dump
@@ -393,9 +396,9 @@ def _copy_file(source, destination):
 def manifest_text(manifest):
     """manifest.json's text: indented JSON, with one line per tensor entry so that it stays readable."""
     head = json.dumps({k: v for k, v in manifest.items() if k != "passes"}, indent=1, ensure_ascii=False)
-    passes = ",\n".join(
-        "  {" + f'"start": {p["start"]}, "length": {p["length"]}, "tensors": [\n   '
-        + ",\n   ".join(json.dumps(t, ensure_ascii=False) for t in p["tensors"]) + "\n  ]}"
+    passes = ",\n".join(   # every field of a pass ("start", "length", "positions" if any), then its tensors
+        "  {" + json.dumps({k: v for k, v in p.items() if k != "tensors"}, ensure_ascii=False)[1:-1]
+        + ', "tensors": [\n   ' + ",\n   ".join(json.dumps(t, ensure_ascii=False) for t in p["tensors"]) + "\n  ]}"
         for p in manifest["passes"])
     return head[:-2] + ',\n "passes": [\n' + passes + "\n ]\n}\n"
 
@@ -410,6 +413,9 @@ def read_dump(folder):
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DumpError(f"{folder / MANIFEST}: not valid JSON ({e})") from e
+    except RecursionError:   # json's parser recurses once per level of nesting
+        raise DumpError(f"{folder / MANIFEST}: nested too deeply for a manifest (arrays or objects within each "
+                        f"other past Python's recursion limit); docs/dump-format.md gives its structure") from None
     check_manifest(manifest, str(folder / MANIFEST))
     try:
         header = read_safetensors_header(folder / TENSORS)
@@ -433,7 +439,7 @@ def check_manifest(manifest, where):
     """Raise DumpError, naming the field, unless `manifest` has the structure docs/dump-format.md specifies."""
 
     def fail(field, expected, found):
-        raise DumpError(f"{where}: {field}: expected {expected}, found {found!r}"[:600])
+        raise DumpError(f"{where}: {field}: expected {expected}, found {_SHORT.repr(found)}"[:600])
 
     if not isinstance(manifest, dict):
         fail("the manifest", "a JSON object", type(manifest).__name__)
@@ -449,6 +455,10 @@ def check_manifest(manifest, where):
             or len({len(r) for r in ids}) != 1
             or not all(isinstance(i, int) and not isinstance(i, bool) for r in ids for i in r)):
         fail("input_ids", "a non-empty list of equally long, non-empty lists of integers [B][N]", ids)
+    for r, row in enumerate(ids):
+        for c, i in enumerate(row):
+            if not 0 <= i < 2**63:
+                fail(f"input_ids[{r}][{c}]", "a token id, 0 <= id < 2**63", i)
     B, N = len(ids), len(ids[0])
     mask = manifest.get("attention_mask")
     if mask is not None and (not isinstance(mask, list) or len(mask) != B
@@ -460,10 +470,14 @@ def check_manifest(manifest, where):
         fail("passes", "a non-empty list", passes)
     position = 0
     for i, p in enumerate(passes):
-        if not isinstance(p, dict) or p.get("start") != position or not isinstance(p.get("length"), int) \
-                or p["length"] < 1:
+        if not isinstance(p, dict) or p.get("start") != position or not _is_int(p.get("length")) or p["length"] < 1:
             fail(f"passes[{i}]", f"an object with start = {position} (where the previous pass ended) and "
                                  f"length >= 1", p if not isinstance(p, dict) else {k: p.get(k) for k in ("start", "length")})
+        kept = p.get("positions")
+        if kept is not None and (not isinstance(kept, list) or not kept or not all(map(_is_int, kept))
+                                 or kept != sorted(set(kept)) or kept[0] < position or kept[-1] >= position + p["length"]):
+            fail(f"passes[{i}].positions", f"null, or the input positions the pass kept, increasing, each in "
+                                           f"[{position}, {position + p['length']})", kept)
         position += p["length"]
         tensors = p.get("tensors")
         if not isinstance(tensors, list):
@@ -481,6 +495,28 @@ def check_manifest(manifest, where):
             seen.add(t["name"])
     if position != N:
         fail("passes", f"forward passes covering the {N} positions of input_ids", f"passes covering {position}")
+    model = manifest.get("model")   # what compare and isolate read of it
+    if model is not None and not isinstance(model, dict):
+        fail("model", "an object ({} for none)", model)
+    model = model or {}
+    for field in ("path", "file_type"):
+        if model.get(field) is not None and not isinstance(model[field], str):
+            fail(f"model.{field}", "a string or null", model[field])
+    config = model.get("config")
+    if config is not None and not isinstance(config, dict):
+        fail("model.config", "an object (docs/dump-format.md lists its fields)", config)
+    layers = (config or {}).get("num_hidden_layers")
+    if layers is not None and (not _is_int(layers) or layers < 1):
+        fail("model.config.num_hidden_layers", "a positive integer", layers)
+    fp = model.get("weights_fingerprint")
+    if fp is not None and (not isinstance(fp, dict) or not isinstance(fp.get("tensors") or {}, dict)
+                           or not all(isinstance(fp.get(k, ""), str) for k in ("method", "digest"))
+                           or not all(isinstance(v, str) for v in (fp.get("tensors") or {}).values())):
+        fail("model.weights_fingerprint", '{"method", "digest", "tensors": {weight name: sha256 hex}}, or null', fp)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_dump(dump, where):
@@ -497,5 +533,10 @@ def check_dump(dump, where):
                             f"{TENSORS} holds {list(array.shape)} {array.dtype.name}")
     extra = sorted(set(dump.tensors) - listed)
     if extra:
-        raise DumpError(f"{where}: {TENSORS} holds {len(extra)} tensors {MANIFEST} does not list, "
-                        f"e.g. {extra[0]}")
+        raise DumpError(f"{where}: {TENSORS} holds {len(extra)} tensor{'s' * (len(extra) != 1)} {MANIFEST} does "
+                        f"not list, e.g. {extra[0]}")
+
+
+_SHORT = reprlib.Repr()   # what a refused field held, shortened: never the repr of a huge or deep value
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 8, 8, 80, 80
+_SHORT.maxlong = 40

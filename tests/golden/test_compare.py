@@ -3,6 +3,7 @@ refusals, the tolerance policy, exit codes; and a tiny model against the transfo
 
 import json
 import math
+import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -198,6 +199,40 @@ def test_the_compare_command_exit_codes_and_json(model, tmp_path):
     assert r.returncode == 2 and "not a dump" in r.stderr
     r = run_cli("compare", good, good, "--tolerance", "x")
     assert r.returncode == 2 and "expected a number or GLOB=NUMBER" in r.stderr
+
+
+def test_compare_exits_2_for_what_is_not_a_verdict(model, tmp_path):
+    """0 and 1 are verdicts, read by a port's CI; a manifest it cannot read, or a report it cannot write, is
+    status 2 and one line (an id of 2**70, a manifest nested 100k deep, a full stdout or a broken pipe
+    exited 1 before)."""
+    good = write_dump(record_dump(model, IDS, MASK, include=["logits"], fingerprint=None), tmp_path / "good")
+    manifest = json.loads((good / "manifest.json").read_text())
+    big, negative = json.loads(json.dumps(manifest)), json.loads(json.dumps(manifest))
+    big["input_ids"][1][3], negative["input_ids"][0][0] = 2**70, -5
+    texts = {"big": json.dumps(big), "negative": json.dumps(negative), "deep": "[" * 100_000 + "]" * 100_000}
+    for name, text in texts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tensors.safetensors").write_bytes((good / "tensors.safetensors").read_bytes())
+        (folder / "manifest.json").write_text(text)
+    for name, message in [("big", "input_ids[1][3]: expected a token id, 0 <= id < 2**63, found 1180591620717411303424"),
+                          ("negative", "input_ids[0][0]: expected a token id, 0 <= id < 2**63, found -5"),
+                          ("deep", "manifest.json: nested too deeply for a manifest")]:
+        r = run_cli("compare", tmp_path / name, good)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+        assert r.stderr.startswith(f"qwen2np compare: error: {tmp_path / name}"), r.stderr
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "qwen2np", "compare", str(good), str(good)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr == "qwen2np compare: error: cannot write to stdout: No space left on device\n"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "qwen2np", "compare", str(good), str(good)], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 2 and r.stderr == "qwen2np compare: error: cannot write to stdout: Broken pipe\n"
 
 
 MEASURE_COMPARE = r"""
