@@ -113,7 +113,8 @@ class Dump:
     def __getitem__(self, key):
         if key not in self.tensors:
             raise DumpError(f"{key}: not in the dump{f' at {self.folder}' if self.folder else ''}; it holds "
-                            f"{len(self.tensors)} tensors, e.g. {', '.join(list(self.tensors)[:3])}")
+                            f"{len(self.tensors)} tensor{'s' * (len(self.tensors) != 1)}, e.g. "
+                            f"{', '.join(list(self.tensors)[:3])}")
         return self.tensors[key]
 
     def describe(self):

@@ -19,9 +19,10 @@ from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError
 from qwen2np.golden.compare import compare_dumps, compare_tensor
 from qwen2np.golden.dump import FORMAT, FORMAT_VERSION, DumpWriter, new_dump, write_dump
+from qwen2np.golden.isolate import isolate_dump
 from qwen2np.golden.metrics import top_k_agreement
 from qwen2np.golden.record import record_dump
-from qwen2np.golden.report import format_report
+from qwen2np.golden.report import format_isolation, format_report
 from qwen2np.golden.tolerances import TOLERANCES, kind_of, parse_tolerance, tolerance_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,6 +234,32 @@ def test_compare_exits_2_for_what_is_not_a_verdict(model, tmp_path):
     finally:
         os.close(write_end)
     assert r.returncode == 2 and r.stderr == "qwen2np compare: error: cannot write to stdout: Broken pipe\n"
+
+
+def test_the_reports_read_right_in_the_singular(model):
+    one = record_dump(model, IDS, MASK, include=["logits"], fingerprint=None)
+    assert format_report(compare_dumps(one, one)).endswith("\nok: 1 tensor within tolerance")
+    off = new_dump(producer="off", dtype="float32", input_ids=IDS, attention_mask=MASK, passes=[
+        {"start": 0, "length": 6, "tensors": [("logits", one["logits"] * np.float32(1.5)), ("model.norm", one["logits"])]}])
+    report = format_report(compare_dumps(off, one))
+    assert "\nnot compared: 1 tensor only in A, 0 only in B " in report
+    assert "\nFAIL: 1 of 1 tensor out of tolerance; the first, in forward order, is logits " in report
+    assert "\nFAIL: 1 of 1 tensor is beyond what a correct bfloat16 implementation reaches: logits" in \
+        format_report(compare_dumps(off, one, policy="bfloat16"))
+    assert format_report(compare_dumps(one, one, policy="bfloat16")).endswith(
+        "\nok: consistent with a correct bfloat16 implementation (1 tensor within the bfloat16 policy)")
+
+    include = ["model.layers.1", "model.norm"]   # the final norm is isolated, the last layer is not (no inputs)
+    good = record_dump(model, IDS, MASK, include=include, fingerprint=None)
+    report = format_isolation(isolate_dump(good, model), brief=True)
+    assert "\nnot isolated: 1 tensor whose inputs A does not record (e.g. model.layers.1: needs " in report
+    assert report.endswith("\nok: 1 operation isolated agrees with its recomputation (float32 policy)")
+    bad = record_dump(perturbed(model, "model.norm.weight", lambda w: w * 1.5), IDS, MASK, include=include,
+                      fingerprint=None)
+    report = format_isolation(isolate_dump(bad, model), comparison=compare_dumps(bad, good))
+    assert "\nROOT CAUSES: 1 of 1 operation is wrong on its own inputs: model.norm (rel " in report
+    assert report.endswith("\nof the 1 tensor out of tolerance against B, 1 is a root cause; 0 inherit an error "
+                           "from upstream")
 
 
 MEASURE_COMPARE = r"""

@@ -255,7 +255,8 @@ def test_the_dump_command_explains_bad_input(tiny_folder, tmp_path, args, messag
 
 def test_the_dump_command_replaces_an_old_dump_only_when_asked(tiny_folder, tmp_path):
     out = tmp_path / "d"
-    assert qwen2np_cli("dump", "--model", tiny_folder, "--ids", "1,2,3", "--include", "logits", "--out", out).returncode == 0
+    r = qwen2np_cli("dump", "--model", tiny_folder, "--ids", "1,2,3", "--include", "logits", "--out", out)
+    assert r.returncode == 0 and r.stderr.startswith(f"wrote 1 tensor (0.0 MB) of 1 forward pass to {out} in "), r.stderr
     old = read_dump(out).manifest
     r = qwen2np_cli("dump", "--model", tiny_folder, "--ids", "4,5", "--include", "model.norm", "--out", out)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
@@ -411,3 +412,7 @@ def test_bad_position_selections_are_refused(model, bad):
     with pytest.raises(DumpError, match="positions"):
         record_dump(model, [[1, 2, 3, 4, 5, 6]], decode_steps=1, positions=bad)
 
+
+def test_dump_help_says_the_model_default():
+    r = qwen2np_cli("dump", "--help")
+    assert r.returncode == 0 and "(default: test)" in " ".join(r.stdout.split()), r.stdout
