@@ -2,12 +2,18 @@
 
 Subcommand modules are imported only when chosen, so `qwen2np tokenize` does not load the model code.
 
-Every failure a user can cause ends in one line on stderr, `qwen2np COMMAND: error: ...`, and a
-non-zero exit status, never a traceback:
+Every failure a user can cause ends in one line on stderr, `qwen2np COMMAND: error: ...`, never a
+traceback. The exit status says which kind of outcome it was; 0 and 1 are verdicts, and only a verdict
+is 0 or 1, so that a CI job that reads `compare`'s status never takes a failure to run for a numerical one:
 
-* 2: a usage error (an unknown flag, a malformed flag value), reported by argparse;
-* 1: any qwen2np error (a missing file, a corrupt checkpoint, bad `--ids`), an OS error (no permission,
-  a full disk, `--out` naming a file, stdout closed or a broken pipe), running out of memory;
+* 0: done (`compare`: every tensor within tolerance);
+* 1: `compare` only: a tensor (or, with `--isolate`, an operation) out of tolerance;
+* 2: bad input or environment: a usage error (an unknown flag, a malformed flag value, reported by
+  argparse), any qwen2np error (a missing file, a corrupt checkpoint or dump, bad `--ids`), an OS error
+  (no permission, a full disk, `--out` naming a file, stdout closed, full or a broken pipe), running out
+  of memory;
+* 3: an internal error, a bug: one line naming the exception's type (with QWEN2NP_DEBUG=1, its traceback
+  instead);
 * 130: Ctrl-C (`qwen2np COMMAND: interrupted`); 143: SIGTERM (`qwen2np COMMAND: terminated`), as sent by a
   timeout or a cancelled CI job. Both stop the command as an exception would, so a folder being written
   (`convert`, `dump`) is removed and the old one is left as it was.
@@ -17,8 +23,7 @@ What the command line changes for its own process (a library call never does): w
 descriptor 1 is pointed at /dev/null so that Python's exit-time flush does not print "Exception
 ignored ... BrokenPipeError"; SIGTERM raises `Terminated` in the main thread, as SIGINT raises
 KeyboardInterrupt (the previous handler is restored when the command returns); a standard stream closed at start (`>&-`, `<&-`) gets /dev/null in its
-place so that no file the command opens takes its descriptor. An unexpected exception (a bug) is
-also one line, naming its type; QWEN2NP_DEBUG=1 shows its traceback instead.
+place so that no file the command opens takes its descriptor.
 """
 
 import argparse
@@ -28,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 from .. import __version__
 from ..errors import Qwen2npError
@@ -45,6 +51,8 @@ COMMANDS = {
 }
 # the commands whose result is what they print on stdout: they refuse to run with stdout closed
 _WRITES_STDOUT = {"tokenize", "generate", "chat", "fetch", "compare"}
+# exit statuses (the module docstring): 0 and 1 are verdicts, the others say why there is none
+OK, OUT_OF_TOLERANCE, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED, TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 class CommandLineError(Qwen2npError, ValueError):
@@ -76,7 +84,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line naming the command (exit status 2), not a usage block."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def _print_message(self, message, file=None):  # argparse would drop a failed write of --help silently
         if message:
@@ -213,7 +221,7 @@ def main(argv=None):
             command = args.command
             if command is None:
                 parser.print_help()
-                return 2
+                return BAD_INPUT
             prefix = f"qwen2np {command}"
             if real_stdout is None and command in _WRITES_STDOUT:
                 raise CommandLineError("stdout is closed: this command prints its result there; "
@@ -221,32 +229,33 @@ def main(argv=None):
 
             apply_environment(default=True)   # the command line owns its process: keep freed memory (weights/system.py)
             with _sigterm_raises():
-                status = _module(command).run(args) or 0
+                status = _module(command).run(args) or OK
             if sys.stdout is not None:
                 sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
             return status
         except Qwen2npError as e:
             _say(f"{prefix}: error: {e}")
-            return 1
+            return BAD_INPUT
         except OSError as e:
             _say(f"{prefix}: error: {_describe_os_error(e)}")
             if getattr(e, "from_stdout", False):
                 _silence_stdout()
-            return 1
+            return BAD_INPUT
         except MemoryError as e:
             _say(f"{prefix}: error: out of memory{f' ({e})' if str(e) else ''}")
-            return 1
+            return BAD_INPUT
         except KeyboardInterrupt:
             _say(f"{prefix}: interrupted")
-            return 130
+            return INTERRUPTED
         except Terminated:
             _say(f"{prefix}: terminated")
-            return 143
+            return TERMINATED
         except Exception as e:  # a bug: still one line, unless asked for the traceback
             if os.environ.get("QWEN2NP_DEBUG") == "1":
-                raise
-            _say(f"{prefix}: internal error: {type(e).__name__}: {e} (QWEN2NP_DEBUG=1 shows the traceback)"[:2000])
-            return 1
+                traceback.print_exc()
+            else:
+                _say(f"{prefix}: internal error: {type(e).__name__}: {e} (QWEN2NP_DEBUG=1 shows the traceback)"[:2000])
+            return INTERNAL_ERROR
     except SystemExit:  # argparse: --help, --version (0) or a usage error (2); what it printed must reach stdout
         try:
             if sys.stdout is not None:
@@ -254,12 +263,12 @@ def main(argv=None):
         except OSError as e:
             _say(f"{prefix}: error: {_describe_os_error(e)}")
             _silence_stdout()
-            raise SystemExit(1) from None
+            raise SystemExit(BAD_INPUT) from None
         raise
     except KeyboardInterrupt:  # Ctrl-C while reporting
-        return 130
+        return INTERRUPTED
     except Terminated:
-        return 143
+        return TERMINATED
     finally:
         if sys.stdout is not None and isinstance(sys.stdout, _Stdout):
             sys.stdout = real_stdout

@@ -13,10 +13,11 @@
     …
     ROOT CAUSES: 2 of 1383 operations are wrong on their own inputs: model.layers.3.self_attn.q_rope (…), …
 
-Exit status: 0 when every tensor is within the policy (and, with `--isolate`, every operation agrees with
-its recomputation), 1 when one is not, 2 when the dumps cannot be compared (missing or malformed,
-different token ids, attention masks, forward passes or shapes, weights that are not the port's) or a
-flag is wrong. B is the reference (NMSE is relative to it).
+Exit status, read by a port's CI: 0 when every tensor is within the policy (and, with `--isolate`, every
+operation agrees with its recomputation), 1 when one is not; nothing else exits 0 or 1. 2 when the dumps
+cannot be compared (missing or malformed, different token ids, attention masks, forward passes or shapes,
+weights that are not the port's), a flag is wrong, or the report cannot be written (stdout full or
+closed); 3 on an internal error (a bug in qwen2np). B is the reference (NMSE is relative to it).
 
 `--policy` says what A is held to (docs/tolerances.md): float32 or float64 (`rel` per tensor kind, the
 default by the dumps' dtypes), bfloat16 or float16 ("consistent with a correct implementation in that
@@ -32,10 +33,9 @@ isolation) as JSON.
 
 import argparse
 import json
-import sys
 
 from .. import Qwen2ForCausalLM
-from ..errors import DumpError, Qwen2npError
+from ..errors import DumpError
 from ..golden.compare import compare_dumps
 from ..golden.dump import read_dump
 from ..golden.isolate import isolate_dump
@@ -43,6 +43,7 @@ from ..golden.policies import policy_named
 from ..golden.report import format_isolation, format_report
 from ..golden.tolerances import parse_tolerance
 from ..io.hub import resolve_model_path
+from . import OK, OUT_OF_TOLERANCE
 
 HELP = "compare two dumps tensor by tensor; name the first divergence, or with --isolate every root cause"
 
@@ -70,18 +71,15 @@ def add_arguments(parser):
 
 
 def run(args):
-    try:
-        if args.b is None and not args.isolate:
-            raise DumpError("compare needs a reference dump B (or --isolate, to check A's operations alone)")
-        if args.model is not None and not args.isolate:
-            raise DumpError("--model goes with --isolate (the weights the operations are recomputed with)")
-        policy = None if args.policy is None else policy_named(args.policy)
-        a = read_dump(args.a)
-        comparison = None if args.b is None else compare_dumps(a, read_dump(args.b), args.tolerance, policy)
-        isolation = _isolate(a, args.model, policy) if args.isolate else None
-    except Qwen2npError as e:  # cannot compare: exit 2, so that CI tells it from "out of tolerance"
-        print(f"qwen2np compare: error: {e}", file=sys.stderr)
-        return 2
+    # an error (cannot compare) propagates: qwen2np.cli exits 2 for it, so that CI tells it from "out of tolerance"
+    if args.b is None and not args.isolate:
+        raise DumpError("compare needs a reference dump B (or --isolate, to check A's operations alone)")
+    if args.model is not None and not args.isolate:
+        raise DumpError("--model goes with --isolate (the weights the operations are recomputed with)")
+    policy = None if args.policy is None else policy_named(args.policy)
+    a = read_dump(args.a)
+    comparison = None if args.b is None else compare_dumps(a, read_dump(args.b), args.tolerance, policy)
+    isolation = _isolate(a, args.model, policy) if args.isolate else None
     if args.json:
         if isolation is None:
             print(json.dumps(comparison.to_json(), allow_nan=False))
@@ -94,7 +92,7 @@ def run(args):
             reports.append(format_isolation(isolation, brief=args.brief, comparison=comparison))
         print("\n\n".join(reports))
     ok = (comparison is None or comparison.ok) and (isolation is None or isolation.ok)
-    return 0 if ok else 1
+    return OK if ok else OUT_OF_TOLERANCE
 
 
 def _isolate(dump, model_path, policy):

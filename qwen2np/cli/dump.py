@@ -31,7 +31,8 @@ HELP = "write named intermediate tensors of a forward pass (golden values)"
 def add_arguments(parser):
     """The flags `qwen2np dump` and scripts/dump_transformers.py share."""
     parser.add_argument("--model", default="test", metavar="PATH",
-                        help="a Hugging Face folder, a .gguf file, `test` (the fetched test checkpoint) or a hub id")
+                        help="a Hugging Face folder, a .gguf file, `test` (the fetched test checkpoint) or a hub id "
+                             "(default: test)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", metavar="TEXT",
                         help="the text to run; repeat for a left-padded batch")
@@ -152,8 +153,8 @@ def run(args):
                        FINGERPRINT_METHODS[args.fingerprint], positions=args.positions, out=args.out,
                        overwrite=args.overwrite)
     folder = dump.folder
-    size = sum(a.nbytes for a in dump.tensors.values())
-    print(f"wrote {len(dump.tensors)} tensors ({size / 1e6:.1f} MB) of {len(dump.passes)} forward "
+    size, count = sum(a.nbytes for a in dump.tensors.values()), len(dump.tensors)
+    print(f"wrote {count} tensor{'s' * (count != 1)} ({size / 1e6:.1f} MB) of {len(dump.passes)} forward "
           f"pass{'es' * (len(dump.passes) != 1)} to {folder} in {time.perf_counter() - started:.1f} s"
           f"{weights_line(model)}",
           file=sys.stderr)

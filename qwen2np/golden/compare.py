@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import DumpError
 from ..inspection.names import position_axes
+from .dump import tensor_key
 from .fingerprint import differing_weights
 from .metrics import differences, logits_divergence, top_k_agreement
 from .policies import TOP_P, default_policy, policy_named
@@ -101,8 +102,8 @@ def compare_dumps(a, b, tolerances=None, policy=None):
     mask = a.attention_mask
     policy = default_policy(a.dtype, b.dtype) if policy is None else policy_named(policy)
     rel_table = policy.rel_tolerances()
-    layers = (a.manifest.get("model") or {}).get("config", {}).get("num_hidden_layers") or \
-        (b.manifest.get("model") or {}).get("config", {}).get("num_hidden_layers")
+    layers = ((a.manifest.get("model") or {}).get("config") or {}).get("num_hidden_layers") or \
+        ((b.manifest.get("model") or {}).get("config") or {}).get("num_hidden_layers")
     tensors, only_in_a, only_in_b = [], [], []
     for index, p in enumerate(a.passes):
         names_b = set(b.names(index))
@@ -111,7 +112,8 @@ def compare_dumps(a, b, tolerances=None, policy=None):
             if name not in names_b:
                 only_in_a.append(entry["key"])
                 continue
-            x, y = a[entry["key"]], b.tensor(name, index)
+            # read a block at a time (metrics.py): the memory of a comparison is a few blocks, not the tensors
+            x, y = a.stored(entry["key"]), b.stored(tensor_key(name, index))
             if x.shape != y.shape:
                 raise DumpError(f"{entry['key']}: shape {list(x.shape)} in {a.folder or 'A'} but "
                                 f"{list(y.shape)} in {b.folder or 'B'}; dumps of different shapes cannot be compared")
@@ -217,17 +219,25 @@ def _along(rows, axis, ndim):
 
 def compare_tensor(name, key, pass_index, x, y, valid, tolerance, logits_figures=True):
     """The metrics of one tensor (x from A, y from the reference B) over the `valid` elements
-    (`logits_figures`: also top-k agreement, KL and top-p for the logits)."""
+    (`logits_figures`: also top-k agreement, KL and top-p for the logits).
+
+    x and y are arrays, or a dump's StoredTensor (Dump.stored): metrics.py reads them a block at a time,
+    so that the memory this takes is a few blocks whatever the size of the tensor.
+    """
     is_mask = name.rsplit(".", 1)[-1] == "mask"
-    if is_mask:  # compare which keys are allowed, not the value standing for "masked"
-        x, y = (x == 0).astype(np.float64), (y == 0).astype(np.float64)
     top1 = top5 = kl = top_p = None
     if logits_figures and name.rsplit(".", 1)[-1] == "logits" and x.ndim >= 2:
         rows = None if valid is None else valid[..., 0]
         top1, top5 = top_k_agreement(x, y, rows)
         kl, top_p = logits_divergence(x, y, rows, top_p=TOP_P)
-    d = differences(x, y, valid)
+    d = differences(x, y, valid, convert=_allowed_keys if is_mask else None)
     return TensorComparison(name=name, key=key, pass_index=pass_index, shape=tuple(x.shape), compared=d.compared,
                             max_abs=d.max_abs, mean_abs=d.mean_abs, rel=d.rel, nmse_db=d.nmse_db, tolerance=tolerance,
                             ok=not d.one_sided and bool(d.rel <= tolerance), top1=top1, top5=top5, cosine=d.cosine,
                             kl=kl, top_p=top_p)
+
+
+def _allowed_keys(mask):
+    """A block of an attention mask as its pattern of allowed keys: compared instead of the value standing
+    for "masked" (finfo(dtype).min, which differs between float32 and float64)."""
+    return mask == 0

@@ -20,8 +20,11 @@ scripts/dump_transformers.py write it, `qwen2np compare` reads two.
 
 import errno
 import json
+import math
 import os
+import reprlib
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +65,14 @@ def plan_passes(num_positions, decode_steps=0):
 
 
 class Dump:
-    """A dump in memory: its manifest (a dict, as in manifest.json) and its tensors by safetensors key."""
+    """A dump: its manifest (a dict, as in manifest.json) and its tensors by safetensors key (arrays; those
+    of a dump read from a folder are memory-mapped, and `stored(key)` reads one a block at a time)."""
 
     def __init__(self, manifest, tensors, folder=None):
         self.manifest = manifest
         self.tensors = tensors
         self.folder = folder
+        self._stored = {}   # key -> (the mapped array read_dump made, its StoredTensor)
 
     @property
     def passes(self):
@@ -97,10 +102,19 @@ class Dump:
     def tensor(self, name, pass_index=0):
         return self[tensor_key(name, pass_index)]
 
+    def stored(self, key):
+        """Tensor `key` to be read a block at a time: a `StoredTensor` of the dump's file when it is still the
+        tensor read_dump read (not replaced since), else the array itself. Indexed block by block
+        (metrics.blocks), it costs the blocks in flight, never the whole tensor."""
+        array = self[key]
+        mapped, stored = self._stored.get(key, (None, None))
+        return stored if mapped is array else array
+
     def __getitem__(self, key):
         if key not in self.tensors:
             raise DumpError(f"{key}: not in the dump{f' at {self.folder}' if self.folder else ''}; it holds "
-                            f"{len(self.tensors)} tensors, e.g. {', '.join(list(self.tensors)[:3])}")
+                            f"{len(self.tensors)} tensor{'s' * (len(self.tensors) != 1)}, e.g. "
+                            f"{', '.join(list(self.tensors)[:3])}")
         return self.tensors[key]
 
     def describe(self):
@@ -110,11 +124,104 @@ class Dump:
                 f"B={B}, {N} positions in {len(self.passes)} forward pass{'es' * (len(self.passes) != 1)}")
 
 
+class StoredTensor:
+    """A tensor of a dump's tensors.safetensors, read when indexed: `t[index]` reads the elements of one
+    C-contiguous block (a tuple of slices and integers, as metrics.blocks makes) into a new array;
+    `np.asarray(t)` reads it whole.
+
+    subtle: the block is read with plain file reads, through the page cache, which does not count in the
+    process's memory; the pages of a memory map, once touched, count until the map is closed, so that
+    reading a whole dump through its map would hold all of it. The file is opened once, by read_dump:
+    a dump replaced meanwhile (`--overwrite`) is still read as it was.
+    """
+
+    def __init__(self, file, key, start, dtype, shape):
+        self._file, self.key, self._start = file, key, start
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: math.prod(self.shape))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+
+    def __repr__(self):
+        return f"StoredTensor({self.key!r}, shape={self.shape}, dtype={self.dtype.name})"
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[()]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __getitem__(self, index):
+        first, shape, kept = _block(self.shape, index if isinstance(index, tuple) else (index,), self.key)
+        out = np.empty(math.prod(shape), self.dtype)
+        self._file.read_into(out, self._start + first * self.dtype.itemsize, self.key)
+        return out.reshape(kept)
+
+
+class _TensorFile:
+    """tensors.safetensors held open, so that what read_dump checked is what is read; closed with the dump."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+
+    def read_into(self, out, offset, key):
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        try:
+            while done < len(view):
+                if hasattr(os, "preadv"):   # straight into the array
+                    n = os.preadv(self.fd, [view[done:]], offset + done)
+                else:
+                    chunk = os.pread(self.fd, min(len(view) - done, 1 << 26), offset + done)
+                    n = len(chunk)
+                    view[done:done + n] = chunk
+                if n == 0:
+                    raise DumpError(f"{self.path}: {key}: the file ended while reading the tensor (truncated since "
+                                    f"it was opened)")
+                done += n
+        except OSError as e:
+            raise DumpError(f"{self.path}: {key}: cannot read the tensor: {e.strerror or e}") from e
+
+
+def _block(shape, index, key):
+    """(first element, block shape, result shape) of `index` into an array of `shape`: slices of step 1 and
+    integers that select one C-contiguous block; an IndexError otherwise."""
+    if len(index) > len(shape):
+        raise IndexError(f"{key}: {len(index)} indices for a tensor of {len(shape)} axes")
+    starts, dims, kept = [], [], []
+    for axis, n in enumerate(shape):
+        i = index[axis] if axis < len(index) else slice(None)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n)
+            if step != 1:
+                raise IndexError(f"{key}: a StoredTensor reads contiguous blocks, not a slice of step {step}; "
+                                 f"read it whole with np.asarray")
+            starts.append(start)
+            dims.append(max(0, stop - start))
+            kept.append(dims[-1])
+        elif isinstance(i, (int, np.integer)) and not isinstance(i, bool) and -n <= i < n:
+            starts.append(int(i) % n)
+            dims.append(1)
+        else:
+            raise IndexError(f"{key}: index {i!r} on axis {axis} (of length {n}): expected a slice or an integer "
+                             f"in range")
+    cut = len(shape) - 1   # after the last axis not taken whole, every axis must be taken whole ...
+    while cut >= 0 and dims[cut] == shape[cut]:
+        cut -= 1
+    if cut > 0 and math.prod(dims) and any(d != 1 for d in dims[:cut]):   # ... and before it, one index each
+        raise IndexError(f"{key}: {index} is not one contiguous block of {list(shape)}; index with "
+                         f"metrics.blocks, or read it whole with np.asarray")
+    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
+    first = sum(s * t for s, t in zip(starts, strides)) if math.prod(dims) else 0
+    return first, dims, kept
+
+
 def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=None, chat=False,
              versions=None, model=None, options=None):
     """Build a Dump from the tensors of each forward pass.
 
-    `passes` is a list of {"start", "length", "tensors": [(name, array), …] in forward order}; `model` is
+    `passes` is a list of {"start", "length", "tensors": [(name, array), …] in forward order} (and
+    "positions", the input positions kept along T when not all: docs/dump-format.md); `model` is
     {"path", "class", "config", "config_fingerprint", "weights_fingerprint"} (docs/dump-format.md).
     """
     manifest = new_manifest(producer=producer, dtype=dtype, input_ids=input_ids, attention_mask=attention_mask,
@@ -126,7 +233,8 @@ def new_dump(*, producer, dtype, input_ids, passes, attention_mask=None, prompt=
             key = tensor_key(name, index)
             tensors[key] = array
             entries.append({"name": name, "key": key, "shape": list(array.shape), "dtype": array.dtype.name})
-        manifest["passes"].append({"start": int(p["start"]), "length": int(p["length"]), "tensors": entries})
+        kept = {} if p.get("positions") is None else {"positions": [int(i) for i in p["positions"]]}
+        manifest["passes"].append({"start": int(p["start"]), "length": int(p["length"]), **kept, "tensors": entries})
     dump = Dump(manifest, tensors)
     check_dump(dump, "new_dump")
     return dump
@@ -289,9 +397,9 @@ def _copy_file(source, destination):
 def manifest_text(manifest):
     """manifest.json's text: indented JSON, with one line per tensor entry so that it stays readable."""
     head = json.dumps({k: v for k, v in manifest.items() if k != "passes"}, indent=1, ensure_ascii=False)
-    passes = ",\n".join(
-        "  {" + f'"start": {p["start"]}, "length": {p["length"]}, "tensors": [\n   '
-        + ",\n   ".join(json.dumps(t, ensure_ascii=False) for t in p["tensors"]) + "\n  ]}"
+    passes = ",\n".join(   # every field of a pass ("start", "length", "positions" if any), then its tensors
+        "  {" + json.dumps({k: v for k, v in p.items() if k != "tensors"}, ensure_ascii=False)[1:-1]
+        + ', "tensors": [\n   ' + ",\n   ".join(json.dumps(t, ensure_ascii=False) for t in p["tensors"]) + "\n  ]}"
         for p in manifest["passes"])
     return head[:-2] + ',\n "passes": [\n' + passes + "\n ]\n}\n"
 
@@ -306,18 +414,25 @@ def read_dump(folder):
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DumpError(f"{folder / MANIFEST}: not valid JSON ({e})") from e
+    except RecursionError:   # json's parser recurses once per level of nesting
+        raise DumpError(f"{folder / MANIFEST}: nested too deeply for a manifest (arrays or objects within each "
+                        f"other past Python's recursion limit); docs/dump-format.md gives its structure") from None
     check_manifest(manifest, str(folder / MANIFEST))
     try:
         header = read_safetensors_header(folder / TENSORS)
-        stored = {e.name: (e.dtype, e.shape) for e in header.entries}
-        tensors = {}
-        for dtype in {SAFETENSORS_DTYPES[d].name for d, _ in stored.values()}:
+        file = _TensorFile(header.path)
+        tensors, stored = {}, {}
+        for e in header.entries:
+            dtype = SAFETENSORS_DTYPES[e.dtype]
+            stored[e.name] = StoredTensor(file, e.name, e.start, dtype, e.shape)
+        for dtype in {s.dtype.name for s in stored.values()}:   # mapped as stored: nothing is read here
             loaded = load_safetensors(folder / TENSORS, dtype=dtype, header=header)
-            tensors.update({k: a for k, a in loaded.items() if SAFETENSORS_DTYPES[stored[k][0]].name == dtype})
+            tensors.update({k: a for k, a in loaded.items() if stored[k].dtype.name == dtype})
     except (CheckpointError, OSError) as e:
         raise DumpError(f"{folder / TENSORS}: cannot read the tensors of the dump: {e}") from e
     dump = Dump(manifest, tensors, folder)
     check_dump(dump, str(folder))
+    dump._stored = {k: (tensors[k], stored[k]) for k in tensors}
     return dump
 
 
@@ -325,7 +440,7 @@ def check_manifest(manifest, where):
     """Raise DumpError, naming the field, unless `manifest` has the structure docs/dump-format.md specifies."""
 
     def fail(field, expected, found):
-        raise DumpError(f"{where}: {field}: expected {expected}, found {found!r}"[:600])
+        raise DumpError(f"{where}: {field}: expected {expected}, found {_SHORT.repr(found)}"[:600])
 
     if not isinstance(manifest, dict):
         fail("the manifest", "a JSON object", type(manifest).__name__)
@@ -341,6 +456,10 @@ def check_manifest(manifest, where):
             or len({len(r) for r in ids}) != 1
             or not all(isinstance(i, int) and not isinstance(i, bool) for r in ids for i in r)):
         fail("input_ids", "a non-empty list of equally long, non-empty lists of integers [B][N]", ids)
+    for r, row in enumerate(ids):
+        for c, i in enumerate(row):
+            if not 0 <= i < 2**63:
+                fail(f"input_ids[{r}][{c}]", "a token id, 0 <= id < 2**63", i)
     B, N = len(ids), len(ids[0])
     mask = manifest.get("attention_mask")
     if mask is not None and (not isinstance(mask, list) or len(mask) != B
@@ -352,10 +471,14 @@ def check_manifest(manifest, where):
         fail("passes", "a non-empty list", passes)
     position = 0
     for i, p in enumerate(passes):
-        if not isinstance(p, dict) or p.get("start") != position or not isinstance(p.get("length"), int) \
-                or p["length"] < 1:
+        if not isinstance(p, dict) or p.get("start") != position or not _is_int(p.get("length")) or p["length"] < 1:
             fail(f"passes[{i}]", f"an object with start = {position} (where the previous pass ended) and "
                                  f"length >= 1", p if not isinstance(p, dict) else {k: p.get(k) for k in ("start", "length")})
+        kept = p.get("positions")
+        if kept is not None and (not isinstance(kept, list) or not kept or not all(map(_is_int, kept))
+                                 or kept != sorted(set(kept)) or kept[0] < position or kept[-1] >= position + p["length"]):
+            fail(f"passes[{i}].positions", f"null, or the input positions the pass kept, increasing, each in "
+                                           f"[{position}, {position + p['length']})", kept)
         position += p["length"]
         tensors = p.get("tensors")
         if not isinstance(tensors, list):
@@ -373,6 +496,28 @@ def check_manifest(manifest, where):
             seen.add(t["name"])
     if position != N:
         fail("passes", f"forward passes covering the {N} positions of input_ids", f"passes covering {position}")
+    model = manifest.get("model")   # what compare and isolate read of it
+    if model is not None and not isinstance(model, dict):
+        fail("model", "an object ({} for none)", model)
+    model = model or {}
+    for field in ("path", "file_type"):
+        if model.get(field) is not None and not isinstance(model[field], str):
+            fail(f"model.{field}", "a string or null", model[field])
+    config = model.get("config")
+    if config is not None and not isinstance(config, dict):
+        fail("model.config", "an object (docs/dump-format.md lists its fields)", config)
+    layers = (config or {}).get("num_hidden_layers")
+    if layers is not None and (not _is_int(layers) or layers < 1):
+        fail("model.config.num_hidden_layers", "a positive integer", layers)
+    fp = model.get("weights_fingerprint")
+    if fp is not None and (not isinstance(fp, dict) or not isinstance(fp.get("tensors") or {}, dict)
+                           or not all(isinstance(fp.get(k, ""), str) for k in ("method", "digest"))
+                           or not all(isinstance(v, str) for v in (fp.get("tensors") or {}).values())):
+        fail("model.weights_fingerprint", '{"method", "digest", "tensors": {weight name: sha256 hex}}, or null', fp)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_dump(dump, where):
@@ -389,5 +534,10 @@ def check_dump(dump, where):
                             f"{TENSORS} holds {list(array.shape)} {array.dtype.name}")
     extra = sorted(set(dump.tensors) - listed)
     if extra:
-        raise DumpError(f"{where}: {TENSORS} holds {len(extra)} tensors {MANIFEST} does not list, "
-                        f"e.g. {extra[0]}")
+        raise DumpError(f"{where}: {TENSORS} holds {len(extra)} tensor{'s' * (len(extra) != 1)} {MANIFEST} does "
+                        f"not list, e.g. {extra[0]}")
+
+
+_SHORT = reprlib.Repr()   # what a refused field held, shortened: never the repr of a huge or deep value
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 8, 8, 80, 80
+_SHORT.maxlong = 40

@@ -13,6 +13,11 @@ x is the array under test (dump A), y the reference (dump B, or the recomputatio
 docs/tolerances.md says what each is held to. NumPy and ml_dtypes only, like recipes.py
 (tests/test_layering.py holds it).
 
+Each figure is measured a block at a time (`blocks`, at most `BLOCK` elements), so that measuring costs a
+few blocks in float64 whatever the size of the tensor (a [1, 1024, 151936] logits tensor is 622 MB in
+float32): x and y may be arrays or anything that reads a block when indexed with a tuple of slices (a
+dump's `StoredTensor`, dump.py, which reads the block from the file).
+
 >>> import numpy as np
 >>> e = differences(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.3]))
 >>> round(e.max_abs, 6), round(e.rel, 6), round(e.nmse_db, 2), round(e.cosine, 6)
@@ -28,6 +33,8 @@ import numpy as np
 from .rounding import half_dtype
 
 TOP_K = 5   # the k of top-k agreement
+BLOCK = 1 << 20   # elements measured at a time; a block is held in float64 a few times over (8 MB each)
+_NO_SCALE = -1100  # below every float64's exponent (2^-1074 is the smallest): the first value sets the scale
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,31 @@ class Differences:
     nmse_db: float | None   # None: no error at all (-inf dB); inf: a value finite on one side only
     cosine: float | None    # None: one side is all zeros; NaN: a value finite on one side only
     one_sided: bool = False  # a value is inf or NaN on one side only: every figure is inf (cosine NaN)
+
+
+def blocks(shape, size=BLOCK):
+    """Index tuples (a slice per axis) that cut an array of `shape` into C-contiguous blocks of at most
+    `size` elements (more only where one element of the axes after the cut is more), in C order: the whole
+    array when it fits, else single indices of the leading axes, a range of one axis, the trailing axes
+    whole. Each block keeps every axis, so that a mask of the array's shape is cut the same way.
+
+    >>> [tuple((s.start, s.stop) for s in b) for b in blocks((2, 3, 4), 8)]
+    [((0, 1), (0, 2), (0, 4)), ((0, 1), (2, 3), (0, 4)), ((1, 2), (0, 2), (0, 4)), ((1, 2), (2, 3), (0, 4))]
+    >>> list(blocks((2, 3), 8)), list(blocks((0, 3), 1))
+    ([(slice(0, 2, None), slice(0, 3, None))], [])
+    """
+    shape = tuple(int(n) for n in shape)
+    if math.prod(shape) == 0:
+        return
+    if math.prod(shape) <= size:
+        yield tuple(slice(0, n) for n in shape)
+        return
+    cut = next(k for k in range(len(shape)) if math.prod(shape[k + 1:]) <= size)   # the axis cut in ranges
+    step = max(1, size // math.prod(shape[cut + 1:]))
+    whole = tuple(slice(0, n) for n in shape[cut + 1:])
+    for lead in np.ndindex(*shape[:cut]):
+        for i in range(0, shape[cut], step):
+            yield tuple(slice(j, j + 1) for j in lead) + (slice(i, min(i + step, shape[cut])),) + whole
 
 
 def values(x, valid=None):
@@ -59,56 +91,85 @@ def finite_pairs(xs, ys):
     return xs[finite], ys[finite]
 
 
-def differences(x, y, valid=None):
-    """The Differences of x from the reference y over the `valid` elements (all when None)."""
-    xs, ys = values(x, valid), values(y, valid)
-    pairs = finite_pairs(xs, ys)
-    if pairs is None:   # inf or NaN on one side only
-        return Differences(int(xs.size), math.inf, math.inf, math.inf, math.inf, math.nan, one_sided=True)
-    xs, ys = pairs
-    err = np.abs(xs - ys)
-    max_abs = float(err.max()) if err.size else 0.0
-    scale = max(float(np.abs(xs).max()), float(np.abs(ys).max())) if err.size else 0.0
-    rel = 0.0 if max_abs == 0 else max_abs / scale
-    return Differences(int(xs.size), max_abs, float(err.mean()) if err.size else 0.0, rel, nmse_db(err, ys),
-                       cosine(xs, ys))
+def differences(x, y, valid=None, convert=None):
+    """The Differences of x from the reference y (of x's shape) over the `valid` elements (all when None),
+    a block at a time; `convert`, when given, maps each block of x and y before it is measured.
 
-
-def cosine(x, y):
-    """Σ x·y / √(Σ x² · Σ y²), scaled so that no sum overflows or underflows; None when either is all zeros.
-
-    >>> cosine(np.array([1.0, 0.0]), np.array([1.0, 1.0]))
-    0.7071067811865475
+    >>> e = differences(np.array([1e3, 1e-159]), np.array([1e3, 0.0]))   # Σ err² = 1e-318: below float64's range
+    >>> round(e.nmse_db), e.cosine
+    (-3240, 1.0)
     """
-    px, py = float(np.abs(x).max()) if x.size else 0.0, float(np.abs(y).max()) if y.size else 0.0
-    if px == 0 or py == 0:
-        return None
-    if not (1e-100 < px < 1e100 and 1e-100 < py < 1e100):   # squares would leave float64's range
-        x, y = x / px, y / py
-    # subtle: sums, not np.dot: BLAS's threaded dot stalls for milliseconds per call on a busy machine
-    return float((x * y).sum() / math.sqrt(float((x * x).sum()) * float((y * y).sum())))
+    sums = _Sums()
+    compared, one_sided = 0, False
+    for index in blocks(x.shape):
+        xb, yb = np.asarray(x[index]), np.asarray(y[index])
+        if convert is not None:
+            xb, yb = convert(xb), convert(yb)
+        keep = None if valid is None else valid[index]
+        xs, ys = values(xb, keep), values(yb, keep)
+        compared += xs.size
+        pairs = None if one_sided else finite_pairs(xs, ys)
+        if pairs is None:   # inf or NaN on one side only: counted, no longer measured
+            one_sided = True
+            continue
+        sums.add(*pairs)
+    if one_sided:
+        return Differences(compared, math.inf, math.inf, math.inf, math.inf, math.nan, one_sided=True)
+    return sums.result(compared)
 
 
-def nmse_db(err, ref):
-    """10·log10(Σ err² / Σ ref²): None when there is no error, inf when the reference is all zeros.
+class _Sums:
+    """The running figures of one comparison, fed block by block with pairs finite on both sides.
 
-    subtle: computed in log space, each sum scaled by its largest element, so that an error of 1e-159
-    against values near 1e3 gives about -3240 dB instead of underflowing to log10(0).
-
-    >>> round(nmse_db(np.array([0.1, 0.0]), np.array([1.0, 0.0])), 6)
-    -20.0
-    >>> round(nmse_db(np.array([1e-159]), np.array([1e3])))
-    -3240
+    subtle: a sum of squares or products is held scaled, Σ (a / 2^ea)·(b / 2^eb), by powers of two at
+    least the largest |a| and |b| seen so far, and rescaled (exactly: by a power of two) when a block
+    brings a larger value. So no sum overflows or underflows: an error of 1e-159 against values near 1e3
+    gives about -3240 dB rather than log10(0), and values near 1e200 a cosine rather than inf / inf.
     """
-    def log10_energy(v):   # log10(Σ v²) without underflow or overflow
-        peak = float(np.abs(v).max())
-        return 2 * math.log10(peak) + math.log10(float(((v / peak) ** 2).sum()))
 
-    if err.size == 0 or not err.any():
-        return None
-    if not ref.any():
-        return math.inf
-    return 10 * (log10_energy(err) - log10_energy(ref))
+    def __init__(self):
+        self.finite = 0                       # elements measured
+        self.max_abs = self.sum_abs = 0.0     # of |x - y|
+        self.peak = {"x": 0.0, "y": 0.0}      # max |x|, max |y|
+        self.exp = dict.fromkeys("xye", _NO_SCALE)   # the scales 2^exp of x, y and the error e = |x - y|
+        self.sum = {"xx": 0.0, "yy": 0.0, "xy": 0.0, "ee": 0.0}   # the scaled sums
+
+    def add(self, xs, ys):
+        if not xs.size:
+            return
+        err = np.abs(xs - ys)                                                  # [n]
+        peaks = {"x": float(np.abs(xs).max()), "y": float(np.abs(ys).max()), "e": float(err.max())}
+        self.finite += xs.size
+        self.max_abs = max(self.max_abs, peaks["e"])
+        self.sum_abs += float(err.sum())
+        for v in "xy":
+            self.peak[v] = max(self.peak[v], peaks[v])
+        for v, peak in peaks.items():
+            grown = math.frexp(peak)[1]   # peak < 2^grown
+            if grown > self.exp[v]:       # a larger scale: every sum holding v shrinks by 2^(old - grown) per factor
+                for key in self.sum:
+                    self.sum[key] = math.ldexp(self.sum[key], (self.exp[v] - grown) * key.count(v))
+                self.exp[v] = grown
+        x, y, e = (np.ldexp(a, -self.exp[v]) for a, v in ((xs, "x"), (ys, "y"), (err, "e")))
+        # subtle: sums, not np.dot: BLAS's threaded dot stalls for milliseconds per call on a busy machine
+        self.sum["xx"] += float((x * x).sum())
+        self.sum["yy"] += float((y * y).sum())
+        self.sum["xy"] += float((x * y).sum())
+        self.sum["ee"] += float((e * e).sum())
+
+    def log10(self, key):
+        """log10 of the unscaled sum `key`."""
+        return math.log10(self.sum[key]) + sum(self.exp[v] for v in key) * math.log10(2.0)
+
+    def result(self, compared):
+        if not self.finite:
+            return Differences(compared, 0.0, 0.0, 0.0, None, None)
+        rel = 0.0 if self.max_abs == 0 else self.max_abs / max(self.peak.values())
+        nmse = None if self.max_abs == 0 else math.inf if self.peak["y"] == 0 else \
+            10 * (self.log10("ee") - self.log10("yy"))
+        cosine = None if self.peak["x"] == 0 or self.peak["y"] == 0 else \
+            self.sum["xy"] / math.sqrt(self.sum["xx"] * self.sum["yy"])   # the scales cancel
+        return Differences(compared, self.max_abs, self.sum_abs / self.finite, rel, nmse, cosine)
 
 
 def distance_db(a, b):
@@ -119,7 +180,7 @@ def distance_db(a, b):
     """
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     finite = np.isfinite(a) & np.isfinite(b)
-    value = nmse_db(np.abs(a[finite] - b[finite]), b[finite])
+    value = differences(a[finite], b[finite]).nmse_db
     return -np.inf if value is None else value
 
 
@@ -138,61 +199,75 @@ def ulps(x, expected, dtype):
     return np.abs(x - expected) / np.exp2(exponent - info.nmant)
 
 
-def ulp_shares(x, expected, dtype):
+def ulp_shares(x, expected, dtype, valid=None):
     """(share of elements off by half an ulp or more, share off by more than 1.5 ulps, the most ulps) of
-    x against `expected` (flat float64 arrays); all three inf when a value is inf or NaN on one side only,
-    None when no element is finite in both."""
-    pairs = finite_pairs(x, expected)
-    if pairs is None:
-        return math.inf, math.inf, math.inf
-    d = ulps(*pairs, dtype)
-    if not d.size:
+    x against `expected` (of x's shape) over the `valid` elements (all when None), a block at a time; all
+    three inf when a value is inf or NaN on one side only, None when no element is finite in both."""
+    measured = half = beyond = 0
+    most = 0.0
+    for index in blocks(np.shape(x)):
+        keep = None if valid is None else valid[index]
+        pairs = finite_pairs(values(np.asarray(x[index]), keep), values(np.asarray(expected[index]), keep))
+        if pairs is None:
+            return math.inf, math.inf, math.inf
+        d = ulps(*pairs, dtype)
+        if d.size:
+            measured, most = measured + d.size, max(most, float(d.max()))
+            half, beyond = half + int((d > 0.5).sum()), beyond + int((d > 1.5).sum())
+    if not measured:
         return None
-    return float((d > 0.5).mean()), float((d > 1.5).mean()), float(d.max())
+    return half / measured, beyond / measured, most
 
 
 # -- logits: agreement of the distributions -----------------------------------------------------------
 
 
-def logits_divergence(x, y, valid_rows=None, *, top_p, block=64):
+def logits_divergence(x, y, valid_rows=None, *, top_p):
     """(mean KL(softmax y ‖ softmax x) in nats, share of rows whose top-p nucleus is the same set) over
-    the last axis, y the reference. The nucleus is the smallest set of most likely tokens whose
-    probability reaches `top_p` (what TopPLogitsWarper keeps).
+    the last axis, y the reference, over the rows `valid_rows` selects (all when None). The nucleus is the
+    smallest set of most likely tokens whose probability reaches `top_p` (what TopPLogitsWarper keeps).
 
     >>> y = np.log(np.array([[0.5, 0.3, 0.2]])); x = np.log(np.array([[0.5, 0.2, 0.3]]))
     >>> kl, same = logits_divergence(x, y, top_p=0.9); round(kl, 4), same    # 0.9 needs all three
     (0.0405, 1.0)
     """
-    x, y = _paired_rows(x, y, valid_rows)
-    if x.shape[0] == 0:
+    rows = kl = same = 0
+    for xr, yr in _row_blocks(x, y, valid_rows):
+        lx, ly = _log_softmax(xr), _log_softmax(yr)                       # [rows, V]
+        rows += len(xr)
+        kl += float((np.exp(ly) * (ly - lx)).sum())
+        same += sum(_nucleus(a, top_p) == _nucleus(b, top_p) for a, b in zip(lx, ly))
+    if not rows:
         return None, None
-    kl, same = [], []
-    for r0 in range(0, x.shape[0], block):
-        lx, ly = _log_softmax(x[r0:r0 + block]), _log_softmax(y[r0:r0 + block])
-        kl.append((np.exp(ly) * (ly - lx)).sum(-1))
-        same.append([_nucleus(a, top_p) == _nucleus(b, top_p) for a, b in zip(lx, ly)])
-    return float(np.concatenate(kl).mean()), float(np.concatenate(same).mean())
+    return kl / rows, same / rows
 
 
 def top_k_agreement(x, y, valid_rows=None, k=TOP_K):
     """(share of rows with the same argmax, share with the same set of k best) over the last axis."""
-    x, y = _paired_rows(x, y, valid_rows)
-    if x.shape[0] == 0:
+    rows = top1 = topk = 0
+    k = min(k, np.shape(x)[-1])
+    for xr, yr in _row_blocks(x, y, valid_rows):
+        rows += len(xr)
+        top1 += int((xr.argmax(-1) == yr.argmax(-1)).sum())
+        best_x = np.sort(np.argpartition(-xr, k - 1, axis=-1)[:, :k], axis=-1)
+        best_y = np.sort(np.argpartition(-yr, k - 1, axis=-1)[:, :k], axis=-1)
+        topk += int((best_x == best_y).all(-1).sum())
+    if not rows:
         return None, None
-    top1 = float((x.argmax(-1) == y.argmax(-1)).mean())
-    k = min(k, x.shape[-1])
-    best_x = np.sort(np.argpartition(-x, k - 1, axis=-1)[:, :k], axis=-1)
-    best_y = np.sort(np.argpartition(-y, k - 1, axis=-1)[:, :k], axis=-1)
-    return top1, float((best_x == best_y).all(-1).mean())
+    return top1 / rows, topk / rows
 
 
-def _paired_rows(x, y, valid_rows):
-    """x and y as [rows, last axis], keeping only the rows `valid_rows` (a boolean mask) selects."""
-    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    if valid_rows is None:
-        return x, y
-    rows = np.asarray(valid_rows).reshape(-1)
-    return x[rows], y[rows]
+def _row_blocks(x, y, valid_rows):
+    """x and y a block of whole rows at a time, as [rows, last axis], keeping only the rows `valid_rows`
+    (a boolean array of x's shape but the last axis) selects."""
+    V = np.shape(x)[-1]
+    for index in blocks(np.shape(x), max(BLOCK, V)):   # whole rows: the cut is before the last axis
+        xr, yr = np.asarray(x[index]).reshape(-1, V), np.asarray(y[index]).reshape(-1, V)
+        if valid_rows is not None:
+            keep = np.asarray(valid_rows[index[:-1]]).reshape(-1)
+            xr, yr = xr[keep], yr[keep]
+        if len(xr):
+            yield xr, yr
 
 
 def _log_softmax(x):

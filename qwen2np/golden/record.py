@@ -103,6 +103,7 @@ def select_positions(positions, num_positions, prefill):
     """
     if positions is None:
         return None
+    text = positions
     if isinstance(positions, str):
         text = positions.strip()
         try:
@@ -113,6 +114,9 @@ def select_positions(positions, num_positions, prefill):
         except (TypeError, ValueError):
             raise DumpError(f"positions {text!r}: expected a slice like -16: or 0:8, or a list like 0,5,-1") from None
     if isinstance(positions, slice):
+        if positions.step == 0:
+            raise DumpError(f"positions {text!r}: a slice's step cannot be 0; "
+                            f"expected a slice like -16: or 0:8 (0:8:2 takes every other), or a list like 0,5,-1")
         chosen = list(range(num_positions))[positions]
     else:
         chosen = []

@@ -55,22 +55,22 @@ def format_report(comparison, brief=False):
             line += f"  KL {t.kl:.2e}  top-p {100 * t.top_p:.1f}%"
         lines.append(line)
     if comparison.only_in_a or comparison.only_in_b:
-        lines.append(f"not compared: {len(comparison.only_in_a)} tensors only in A, {len(comparison.only_in_b)} only in B "
-                     f"(e.g. {', '.join((comparison.only_in_a + comparison.only_in_b)[:3])})")
+        lines.append(f"not compared: {_count(comparison.only_in_a, 'tensor')} only in A, {len(comparison.only_in_b)} "
+                     f"only in B (e.g. {', '.join((comparison.only_in_a + comparison.only_in_b)[:3])})")
     failures = [t for t in comparison.tensors if not t.ok]
     if failures and reduced:
         names = ", ".join(t.key for t in failures[:8]) + (", …" if len(failures) > 8 else "")
-        lines.append(f"FAIL: {len(failures)} of {len(comparison.tensors)} tensors are beyond what a correct "
-                     f"{comparison.policy.name} implementation reaches: {names}")
+        lines.append(f"FAIL: {len(failures)} of {_count(comparison.tensors, 'tensor')} {_are(failures)} beyond what a "
+                     f"correct {comparison.policy.name} implementation reaches: {names}")
     elif failures:
         first = failures[0]
-        lines.append(f"FAIL: {len(failures)} of {len(comparison.tensors)} tensors out of tolerance; the first, in "
+        lines.append(f"FAIL: {len(failures)} of {_count(comparison.tensors, 'tensor')} out of tolerance; the first, in "
                      f"forward order, is {first.key} (rel {first.rel:.2e} > {first.tolerance:.1e})")
     elif reduced:
-        lines.append(f"ok: consistent with a correct {comparison.policy.name} implementation (all "
-                     f"{len(comparison.tensors)} tensors within the {comparison.policy.name} policy)")
+        lines.append(f"ok: consistent with a correct {comparison.policy.name} implementation ("
+                     f"{_all(comparison.tensors, 'tensor')} within the {comparison.policy.name} policy)")
     else:
-        lines.append(f"ok: all {len(comparison.tensors)} tensors within tolerance")
+        lines.append(f"ok: {_all(comparison.tensors, 'tensor')} within tolerance")
     return "\n".join(lines)
 
 
@@ -98,23 +98,26 @@ def format_isolation(isolation, brief=False, comparison=None):
         lines.append(f"{line}  {c.limit}  {'ok' if c.ok else 'ROOT CAUSE'}")
     missing = isolation.not_isolated
     if missing and brief:
-        lines.append(f"not isolated: {len(missing)} tensors whose inputs A does not record (e.g. {missing[0].key}: "
+        lines.append(f"not isolated: {_count(missing, 'tensor')} whose inputs A does not record (e.g. {missing[0].key}: "
                      f"{missing[0].missing})")
     roots = isolation.root_causes
     isolated = len(isolation.checks) - len(missing)
     if roots:
-        lines.append(f"ROOT CAUSES: {len(roots)} of {isolated} operations are wrong on their own inputs: "
+        lines.append(f"ROOT CAUSES: {len(roots)} of {_count(isolated, 'operation')} {_are(roots)} "
+                     f"wrong on {'its' if len(roots) == 1 else 'their'} own inputs: "
                      + ", ".join(f"{c.key} ({_figure(c)})" for c in roots))
     else:
-        lines.append(f"ok: all {isolated} operations isolated agree with their recomputation "
+        lines.append(f"ok: {_all(isolated, 'operation')} isolated "
+                     f"{'agrees with its' if isolated == 1 else 'agree with their'} recomputation "
                      f"({isolation.policy.name} policy)")
     if comparison is not None and not comparison.ok:
         failed = [t.key for t in comparison.tensors if not t.ok]
         own = {c.key for c in roots}
         inherited = [k for k in failed if k not in own]
         unexplained = [k for k in failed if k not in own and k in {c.key for c in missing}]
-        lines.append(f"of the {len(failed)} tensors out of tolerance against B, {len(failed) - len(inherited)} are "
-                     f"root causes; {len(inherited)} inherit an error from upstream"
+        lines.append(f"of the {_count(failed, 'tensor')} out of tolerance against B, {len(failed) - len(inherited)} "
+                     f"{'is a root cause' if len(failed) - len(inherited) == 1 else 'are root causes'}; {len(inherited)} "
+                     f"{'inherits' if len(inherited) == 1 else 'inherit'} an error from upstream"
                      + (f" ({len(unexplained)} of them could not be isolated)" if unexplained else ""))
     return "\n".join(lines)
 
@@ -123,3 +126,22 @@ def _figure(check):
     if check.off is not None and check.rel < 1e-2:
         return f"{100 * check.off:.1f}% of elements off by ≥ 1 ulp"
     return f"rel {check.rel:.2e}"
+
+
+def _count(things, noun):
+    """"1 tensor", "3 tensors": `things` a number or a list.
+
+    >>> _count([1], "tensor"), _count(3, "operation"), _all([1], "tensor"), _all(2, "tensor"), _are([1, 2])
+    ('1 tensor', '3 operations', '1 tensor', 'all 2 tensors', 'are')
+    """
+    n = things if isinstance(things, int) else len(things)
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _all(things, noun):
+    n = things if isinstance(things, int) else len(things)
+    return ("all " if n != 1 else "") + _count(n, noun)
+
+
+def _are(things):
+    return "is" if len(things) == 1 else "are"

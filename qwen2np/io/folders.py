@@ -104,8 +104,10 @@ def check_target(target, overwrite=False):
 def write_folder(target, overwrite=False, keep=None):
     """Yield a fresh empty folder (a `Path`) to write into; on a clean exit it replaces `target` whole.
 
-    See the module docstring for the rules. OS errors (no permission, a full disk) propagate as they
-    are (`PermissionError`, `OSError`), with the temporary folder removed and `target` untouched.
+    See the module docstring for the rules. An OS error of a write into the folder (a full disk, no
+    permission, a read-only filesystem) propagates as an `OSError` of the same errno that names `target`,
+    not the temporary folder: "cannot write out: No space left on device" (`_naming`); any error leaves
+    the temporary folder removed and `target` untouched.
     """
     target = check_target(target, overwrite)
     parent = target.parent
@@ -118,9 +120,35 @@ def write_folder(target, overwrite=False, keep=None):
             if keep is not None:
                 _carry_over(target, tmp, keep)
         _swap_in(tmp, target, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = _naming(e, tmp, target)
+        if named is e:
+            raise
+        raise named from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# errors of a write that names no file (a write to an open file): they are the folder's
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _naming(error, tmp, target):
+    """`error` as an OSError that names `target` (or the file in it) when it is about writing the temporary
+    folder `tmp`: a file in tmp, or a write error that names no file. Any other error is returned as it is
+    (one about another file, a refusal such as OutputExistsError)."""
+    where = None
+    if error.filename is not None:
+        name = Path(os.fsdecode(error.filename))
+        if name == tmp or tmp in name.parents:
+            where = target / name.relative_to(tmp)
+    elif error.errno in _WRITE_ERRORS:
+        where = target
+    if where is None:
+        return error
+    return OSError(error.errno, f"cannot write {where}: {error.strerror or error}")
 
 
 def _entries(folder):

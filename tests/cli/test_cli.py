@@ -1,5 +1,6 @@
 """The dispatcher (qwen2np/cli/__init__.py): whatever goes wrong in any command is one line on stderr and a
-non-zero exit status, never a traceback. Each case runs `python -m qwen2np` in a subprocess, the way a
+status that is not a verdict (0 and 1 are `compare`'s): 2 for bad input or environment, 3 for a bug, never a
+traceback. Each case runs `python -m qwen2np` in a subprocess, the way a
 user meets it; cases that need a failure the machine cannot make on demand (a full disk for a file, no
 permission as root) patch the library inside the child with `python -c`."""
 
@@ -20,8 +21,9 @@ def run(args, env_extra=None, stdin=None, **kwargs):
     return subprocess.run(args, stdin=stdin, stderr=subprocess.PIPE, env=env, timeout=300, **kwargs)
 
 
-def one_line(r, code=1):
-    """The stderr of a failed command: exactly one line, no traceback, the status `code`."""
+def one_line(r, code=2):
+    """The stderr of a failed command: exactly one line, no traceback, the status `code` (2: bad input or
+    environment)."""
     err = r.stderr.decode("utf-8", "replace")
     assert r.returncode == code, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
@@ -95,7 +97,7 @@ def test_bad_paths_are_one_line(tmp_path):
         (["tokenize", "--model", str(tmp_path), "hi"], "found no tokenizer files"),
         (["compare", str(tmp_path), str(tmp_path)], "not a dump"),
     ]:
-        line = one_line(run(QWEN2NP + args), code=2 if args[0] == "compare" else 1)
+        line = one_line(run(QWEN2NP + args))
         assert line.startswith(f"qwen2np {args[0]}: error:") and message in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
@@ -124,11 +126,12 @@ def test_ctrl_c_is_one_line_and_status_130():
 
 
 def test_an_unexpected_error_is_one_line_unless_debugging():
+    """A bug is status 3, never 1: a port's CI reads 1 from `compare` as "out of tolerance"."""
     script = "import qwen2np.cli.tokenize as t\ndef bug(args): raise IndexError('a bug')\nt.run = bug\n"
-    line = one_line(run(patched(script, "tokenize", "hi")))
+    line = one_line(run(patched(script, "tokenize", "hi")), code=3)
     assert line == "qwen2np tokenize: internal error: IndexError: a bug (QWEN2NP_DEBUG=1 shows the traceback)"
     r = run(patched(script, "tokenize", "hi"), env_extra={"QWEN2NP_DEBUG": "1"})
-    assert r.returncode == 1 and b"Traceback" in r.stderr and b"IndexError: a bug" in r.stderr
+    assert r.returncode == 3 and b"Traceback" in r.stderr and b"IndexError: a bug" in r.stderr
     script = "import qwen2np.cli.tokenize as t\ndef big(args): raise MemoryError\nt.run = big\n"
     assert one_line(run(patched(script, "tokenize", "hi"))) == "qwen2np tokenize: error: out of memory"
 
@@ -151,3 +154,15 @@ def test_bytes_of_argv_that_are_not_utf8_are_printed_back_as_they_came():
     script = "import qwen2np.cli.fetch as f\ndef run(args): print(args.cache_dir)\nf.run = run\n"
     r = run(patched(script, b"fetch", b"--cache-dir", b"/tmp/caf\xe9"))
     assert r.returncode == 0 and r.stdout == b"/tmp/caf\xe9\n" and r.stderr == b""
+
+
+def test_only_compare_gives_a_verdict_of_1():
+    """Whatever a command returns or raises, the dispatcher gives 0 and 1 only as verdicts: an error of any
+    kind is 2 (bad input, an OS error, out of memory) or 3 (a bug)."""
+    cases = {"raise DumpError('bad')": 2, "raise OSError(errno.EIO, 'I/O error')": 2, "raise MemoryError": 2,
+             "raise ValueError('slice step cannot be zero')": 3, "raise RecursionError('deep')": 3,
+             "raise OverflowError('Python int too large')": 3}
+    for body, code in cases.items():
+        script = ("import errno\nfrom qwen2np.errors import DumpError\nimport qwen2np.cli.compare as c\n"
+                  f"def fail(args): {body}\nc.run = fail\n")
+        assert one_line(run(patched(script, "compare", "a", "b")), code=code).startswith("qwen2np compare: ")

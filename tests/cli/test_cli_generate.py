@@ -1,6 +1,6 @@
 """`qwen2np generate` and `qwen2np chat` end to end, in subprocesses, on the real checkpoint: the streamed
-answers are the library's greedy answers, the chat keeps its history, and bad input gives one line and a
-non-zero status, never a traceback.
+answers are the library's greedy answers, the chat keeps its history, and bad input gives one line and
+status 2, never a traceback.
 """
 
 import os
@@ -121,7 +121,7 @@ def test_chat_ctrl_c_stops_the_answer_only(checkpoint_env):
 ])
 def test_bad_input_is_one_line(args, message):
     r = run_cli(*args)
-    assert r.returncode != 0
+    assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert message in lines[0] and lines[0].startswith(f"qwen2np {args[0]}")
@@ -133,7 +133,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, test_gguf):
     with open(test_gguf, "rb") as f:
         broken.write_bytes(f.read(1 << 20))  # a truncated copy: the header is fine, the tensors are missing
     r = run_cli("generate", "--model", str(broken), "--max-new-tokens", "2", "hi")
-    assert r.returncode == 1
+    assert r.returncode == 2
     lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("[")]  # progress bar
     assert len(lines) == 1 and lines[0].startswith("qwen2np generate: error:"), r.stderr
     assert str(broken) in lines[0] or "broken.gguf" in lines[0]
@@ -143,7 +143,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, test_gguf):
 @pytest.mark.checkpoint
 def test_prompt_too_long_is_one_line(checkpoint_env, tmp_path):
     r = run_cli("generate", "--model", "test", "--max-new-tokens", "32760", "hi", env_extra=checkpoint_env)
-    assert r.returncode == 1
+    assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "exceeds the model's max_position_embeddings=32768" in errors[0], r.stderr
     assert "Traceback" not in r.stderr

@@ -59,7 +59,7 @@ def test_converted_tokenizer_files(tiny, tmp_path):
 def test_convert_errors_are_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(tmp_path / "no.gguf"), str(tmp_path)],
                             capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "qwen2np convert: error:" in result.stderr
     assert "no.gguf" in result.stderr
 
@@ -77,7 +77,7 @@ def test_convert_never_mixes_old_and_new_files(tiny, tmp_path):
     (out / "tokenizer.json").write_text("{}")
     (out / "chat_template.jinja").write_text("old template")
     r = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(tiny), str(out)], capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "the folder holds files (chat_template.jinja, tokenizer.json); pass overwrite=True (--overwrite" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["chat_template.jinja", "tokenizer.json"]
     assert main(["convert", str(tiny), str(out), "--overwrite"]) == 0
@@ -98,9 +98,9 @@ def test_a_convert_that_fails_while_writing_leaves_the_old_folder(tiny, tmp_path
               "sys.exit(main(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-c", script, "convert", str(tiny), str(out), "--dtype", "float16",
                         "--overwrite"], capture_output=True, text=True)
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     assert [line for line in r.stderr.splitlines() if "error" in line] == [
-        "qwen2np convert: error: No space left on device"] and "Traceback" not in r.stderr
+        f"qwen2np convert: error: cannot write {out}: No space left on device"] and "Traceback" not in r.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -110,7 +110,7 @@ def test_convert_onto_a_file_is_one_line(tiny, tmp_path):
     target.write_text("x")
     r = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(tiny), str(target), "--overwrite"],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "expected a folder to write into, found a file" in r.stderr and target.read_text() == "x"
 
 
@@ -120,7 +120,7 @@ def test_convert_refuses_what_is_not_a_file(tmp_path):
     for source, found in ((fifo, "not a regular file"), (tmp_path, "a folder"), (tmp_path / "none.gguf", "no such file")):
         r = subprocess.run([sys.executable, "-m", "qwen2np", "convert", str(source), str(tmp_path / "out")],
                            capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1 and r.stderr == f"qwen2np convert: error: {source}: expected a GGUF file, found {found}\n"
+        assert r.returncode == 2 and r.stderr == f"qwen2np convert: error: {source}: expected a GGUF file, found {found}\n"
 
 
 @pytest.mark.parametrize("command", ["convert", "dump"])

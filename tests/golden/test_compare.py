@@ -3,6 +3,7 @@ refusals, the tolerance policy, exit codes; and a tiny model against the transfo
 
 import json
 import math
+import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -17,10 +18,11 @@ from hypothesis.extra.numpy import arrays
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError
 from qwen2np.golden.compare import compare_dumps, compare_tensor
-from qwen2np.golden.dump import new_dump, write_dump
+from qwen2np.golden.dump import FORMAT, FORMAT_VERSION, DumpWriter, new_dump, write_dump
+from qwen2np.golden.isolate import isolate_dump
 from qwen2np.golden.metrics import top_k_agreement
 from qwen2np.golden.record import record_dump
-from qwen2np.golden.report import format_report
+from qwen2np.golden.report import format_isolation, format_report
 from qwen2np.golden.tolerances import TOLERANCES, kind_of, parse_tolerance, tolerance_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,6 +200,113 @@ def test_the_compare_command_exit_codes_and_json(model, tmp_path):
     assert r.returncode == 2 and "not a dump" in r.stderr
     r = run_cli("compare", good, good, "--tolerance", "x")
     assert r.returncode == 2 and "expected a number or GLOB=NUMBER" in r.stderr
+
+
+def test_compare_exits_2_for_what_is_not_a_verdict(model, tmp_path):
+    """0 and 1 are verdicts, read by a port's CI; a manifest it cannot read, or a report it cannot write, is
+    status 2 and one line (an id of 2**70, a manifest nested 100k deep, a full stdout or a broken pipe
+    exited 1 before)."""
+    good = write_dump(record_dump(model, IDS, MASK, include=["logits"], fingerprint=None), tmp_path / "good")
+    manifest = json.loads((good / "manifest.json").read_text())
+    big, negative = json.loads(json.dumps(manifest)), json.loads(json.dumps(manifest))
+    big["input_ids"][1][3], negative["input_ids"][0][0] = 2**70, -5
+    texts = {"big": json.dumps(big), "negative": json.dumps(negative), "deep": "[" * 100_000 + "]" * 100_000}
+    for name, text in texts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tensors.safetensors").write_bytes((good / "tensors.safetensors").read_bytes())
+        (folder / "manifest.json").write_text(text)
+    for name, message in [("big", "input_ids[1][3]: expected a token id, 0 <= id < 2**63, found 1180591620717411303424"),
+                          ("negative", "input_ids[0][0]: expected a token id, 0 <= id < 2**63, found -5"),
+                          ("deep", "manifest.json: nested too deeply for a manifest")]:
+        r = run_cli("compare", tmp_path / name, good)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+        assert r.stderr.startswith(f"qwen2np compare: error: {tmp_path / name}"), r.stderr
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "qwen2np", "compare", str(good), str(good)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr == "qwen2np compare: error: cannot write to stdout: No space left on device\n"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "qwen2np", "compare", str(good), str(good)], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 2 and r.stderr == "qwen2np compare: error: cannot write to stdout: Broken pipe\n"
+
+
+def test_the_reports_read_right_in_the_singular(model):
+    one = record_dump(model, IDS, MASK, include=["logits"], fingerprint=None)
+    assert format_report(compare_dumps(one, one)).endswith("\nok: 1 tensor within tolerance")
+    off = new_dump(producer="off", dtype="float32", input_ids=IDS, attention_mask=MASK, passes=[
+        {"start": 0, "length": 6, "tensors": [("logits", one["logits"] * np.float32(1.5)), ("model.norm", one["logits"])]}])
+    report = format_report(compare_dumps(off, one))
+    assert "\nnot compared: 1 tensor only in A, 0 only in B " in report
+    assert "\nFAIL: 1 of 1 tensor out of tolerance; the first, in forward order, is logits " in report
+    assert "\nFAIL: 1 of 1 tensor is beyond what a correct bfloat16 implementation reaches: logits" in \
+        format_report(compare_dumps(off, one, policy="bfloat16"))
+    assert format_report(compare_dumps(one, one, policy="bfloat16")).endswith(
+        "\nok: consistent with a correct bfloat16 implementation (1 tensor within the bfloat16 policy)")
+
+    include = ["model.layers.1", "model.norm"]   # the final norm is isolated, the last layer is not (no inputs)
+    good = record_dump(model, IDS, MASK, include=include, fingerprint=None)
+    report = format_isolation(isolate_dump(good, model), brief=True)
+    assert "\nnot isolated: 1 tensor whose inputs A does not record (e.g. model.layers.1: needs " in report
+    assert report.endswith("\nok: 1 operation isolated agrees with its recomputation (float32 policy)")
+    bad = record_dump(perturbed(model, "model.norm.weight", lambda w: w * 1.5), IDS, MASK, include=include,
+                      fingerprint=None)
+    report = format_isolation(isolate_dump(bad, model), comparison=compare_dumps(bad, good))
+    assert "\nROOT CAUSES: 1 of 1 operation is wrong on its own inputs: model.norm (rel " in report
+    assert report.endswith("\nof the 1 tensor out of tolerance against B, 1 is a root cause; 0 inherit an error "
+                           "from upstream")
+
+
+MEASURE_COMPARE = r"""
+import json, os, sys
+from qwen2np.cli import main
+import qwen2np.cli.compare   # all that compare imports, before the baseline
+
+def status(key):  # bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+baseline = status("VmRSS")
+sys.stdout = open(os.devnull, "w")
+code = main(["compare", *sys.argv[1:]])
+print(json.dumps({"code": code, "baseline": baseline, "peak": status("VmHWM")}), file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_compare_reads_a_large_tensor_in_blocks(tmp_path):
+    """The peak memory of `qwen2np compare` stays under 2x its largest tensor plus a fixed overhead (it was
+    10x: 1.56 GB above the baseline for the 156 MB logits here), so that what `dump` writes on a machine,
+    `compare` reads there. Measured in a fresh process, from the kernel's VmHWM (as
+    tests/weights/test_loading_peak_memory.py does: ru_maxrss would carry pytest's)."""
+    shape = (1, 256, 151936)   # the logits of 256 positions over Qwen2's vocabulary: 156 MB in float32
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(shape, dtype=np.float32) * np.float32(4)   # peaked, as logits are
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32", "producer": "test",
+                "input_ids": [[1] * shape[1]], "passes": [{"start": 0, "length": shape[1], "tensors": [
+                    {"name": "logits", "key": "logits", "shape": list(shape), "dtype": "float32"}]}]}
+    for name in ("a", "b"):
+        with DumpWriter(tmp_path / name) as writer:
+            writer.add("logits", logits)
+            writer.finish(manifest)
+        logits += np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
+    del logits
+    r = subprocess.run([sys.executable, "-c", MEASURE_COMPARE, str(tmp_path / "a"), str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stderr.strip().splitlines()[-1])
+    used, size = m["peak"] - m["baseline"], 4 * math.prod(shape)
+    assert m["code"] == 1, m   # out of tolerance: the comparison ran to its verdict
+    assert used <= 2 * size + FIXED_OVERHEAD, (used, size)
+    assert used < size, (used, size)   # what reading in blocks gives: not even one copy of the tensor
+
+
+FIXED_OVERHEAD = 128 * 2**20   # bytes: the blocks in flight (metrics.BLOCK elements, float64, a few times over)
 
 
 # -- against transformers, on a tiny random model (the real checkpoint: test_inspection_checkpoint.py) ---

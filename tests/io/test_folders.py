@@ -194,6 +194,33 @@ def test_os_errors_name_the_target_and_leave_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_write_inside_names_the_target_not_the_temporary_folder(old, tmp_path):
+    """A full disk while writing the files said only "No space left on device" (a write to an open file names
+    no path), and an error on a file named the hidden temporary folder; both now name what was being written.
+    An error about another file is left as it was."""
+    before = _tree(old)
+    with pytest.raises(OSError) as e:
+        with write_folder(old, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.strerror == f"cannot write {old}: No space left on device"
+    assert e.value.errno == errno.ENOSPC and e.value.filename is None
+    with pytest.raises(PermissionError) as e:
+        with write_folder(old, overwrite=True) as tmp:
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "sub" / "b.txt"))
+    assert e.value.strerror == f"cannot write {old / 'sub' / 'b.txt'}: Permission denied"
+    elsewhere = tmp_path / "source.gguf"
+    with pytest.raises(OSError) as e:
+        with write_folder(old, overwrite=True):
+            raise OSError(errno.EIO, "Input/output error", str(elsewhere))
+    assert e.value.filename == str(elsewhere) and "cannot write" not in str(e.value)
+    with pytest.raises(OSError) as e:   # not a write error: left as it was
+        with write_folder(old, overwrite=True):
+            raise OSError(errno.EPIPE, "Broken pipe")
+    assert str(e.value) == "[Errno 32] Broken pipe"
+    assert _tree(old) == before and _siblings(old) == []
+
+
 # -- save_hf_folder ------------------------------------------------------------------------------------
 
 CONFIG = {"model_type": "qwen2", "hidden_size": 4}

@@ -320,7 +320,7 @@ def test_cli_tokenize():
     assert ids.stdout.split() == ["21927", "1879"]
     missing = subprocess.run([sys.executable, "-m", "qwen2np", "tokenize", "x", "--model", "/no/such/dir"],
                              capture_output=True, text=True, env=env, timeout=120)
-    assert missing.returncode == 1 and "/no/such/dir" in missing.stderr
+    assert missing.returncode == 2 and "/no/such/dir" in missing.stderr
 
 
 def test_normalization_none_skips_nfc(tmp_path):
