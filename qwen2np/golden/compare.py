@@ -118,7 +118,8 @@ def compare_dumps(a, b, tolerances=None, policy=None):
             valid = valid_elements(name, x.shape, mask, p["start"], p["length"], p.get("positions"))
             overridden = any(fnmatch.fnmatchcase(name, g) for g, _ in tolerances or [])
             if rel_table is not None or overridden:
-                tolerance = tolerance_for(name, policy.name if rel_table is not None else "float32", tolerances)
+                tolerance = tolerance_for(name, policy.name if rel_table is not None else "float32", tolerances,
+                                          position=max(p.get("positions") or [p["start"] + p["length"] - 1]))
                 tensors.append(compare_tensor(name, entry["key"], index, x, y, valid, tolerance))
             else:   # a reduced-precision policy: NMSE and cosine for the kind and depth, and the logits' figures
                 t = compare_tensor(name, entry["key"], index, x, y, valid, math.inf)
