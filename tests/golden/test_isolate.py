@@ -148,13 +148,21 @@ def test_two_independent_bugs_are_both_named_in_one_run(model):
 
 
 def test_weights_are_checked_against_the_fingerprint(model):
+    """A weight that differs from A's fingerprint is named, and the isolation goes on: the operation that
+    reads it is the root cause, marked as reading it (a conversion bug in the port, not a refusal)."""
     dump = record_dump(model, [[1, 2, 3]])
     other = Qwen2ForCausalLM._from_params(model.config, dict(model.params), model.dtype)
     w = other.state_dict()["model.layers.2.mlp.up_proj.weight"].copy()
     w[0, 0] += 1
     other.load_state_dict({"model.layers.2.mlp.up_proj.weight": w}, strict=False)
-    with pytest.raises(DumpError, match=r"model.layers.2.mlp.up_proj.weight differs from A's fingerprint"):
-        isolate_dump(dump, other)
+    isolation = isolate_dump(dump, other)
+    assert "weights differ from the checkpoint in 1 of" in isolation.notes[1]
+    assert "model.layers.2.mlp.up_proj.weight (differs from A's fingerprint)" in isolation.notes[1]
+    assert root_causes(isolation) == ["model.layers.2.mlp.up_proj"]
+    assert "reads model.layers.2.mlp.up_proj.weight, which differs" in isolation.root_causes[0].notes[0]
+    unrelated = Qwen2ForCausalLM(Qwen2Config(**TINY), seed=12)   # another checkpoint (its norms, all ones, match)
+    with pytest.raises(DumpError, match=r"not the ones A ran with: \d+ of the 51 weights checked differ"):
+        isolate_dump(dump, unrelated)
     unhashed = record_dump(model, [[1, 2, 3]], fingerprint=None)
     assert "A records no weights fingerprint" in isolate_dump(unhashed, model).notes[0]
 
@@ -251,11 +259,12 @@ def test_a_hand_made_half_precision_dump(model):
     description = {"weights_fingerprint": weights_fingerprint(bf16)}
     dump = new_dump(producer="hand", dtype="bfloat16", input_ids=[[3, 4]], model=description,
                     passes=[{"start": 0, "length": 2, "tensors": [("model.embed_tokens", x)]}])
-    weights, weight_dtype, note = port_weights(model, dump)
-    assert "rounded to bfloat16" in note and weight_dtype == "bfloat16"
-    assert weights["lm_head.weight"] is model.state_dict()["lm_head.weight"]   # no rounded copy held
-    ctx = Context(model.config, r=rounding(dump.dtype), held=rounding(weight_dtype))
-    norm = rms_norm(ctx, np.asarray(x, np.float64), weights["model.layers.0.input_layernorm.weight"])
+    weights, notes, differ = port_weights(model, dump)
+    assert "rounded to bfloat16" in notes[0] and not differ
+    w = weights["model.layers.0.input_layernorm.weight"]
+    assert w.held == "bfloat16" and w.weight is model.state_dict()["model.layers.0.input_layernorm.weight"]
+    ctx = Context(model.config, r=rounding(dump.dtype))              # no rounded copy held: rounded as read
+    norm = rms_norm(ctx, np.asarray(x, np.float64), w)
     assert np.array_equal(norm, norm.astype(ml_dtypes.bfloat16).astype(np.float64))   # on the bfloat16 grid
     assert isolate_dump(dump, model).ok
 
