@@ -187,9 +187,12 @@ def test_the_compare_command_exit_codes_and_json(model, tmp_path):
     assert "note: the weights differ: 1 of them (model.layers.1.mlp.up_proj.weight)" in r.stdout
     r = run_cli("compare", bad, good, "--json")
     report = json.loads(r.stdout)
-    assert r.returncode == 1 and report["ok"] is False and report["first_failure"] == "model.layers.1.mlp.up_proj"
-    assert [t["name"] for t in report["tensors"]][:3] == ["model.embed_tokens", "model.rotary_emb.cos",
-                                                           "model.rotary_emb.sin"]
+    assert r.returncode == 1 and report["ok"] is False and report["exit_status"] == 1
+    assert (report["format"], report["format_version"], report["isolation"], report["swapped"]) == \
+        ("qwen2np-compare", 2, None, False)
+    assert report["comparison"]["first_failure"] == "model.layers.1.mlp.up_proj"
+    assert [t["name"] for t in report["comparison"]["tensors"]][:3] == ["model.embed_tokens", "model.rotary_emb.cos",
+                                                                         "model.rotary_emb.sin"]
     assert run_cli("compare", bad, good, "--tolerance", "1").returncode == 0
     assert run_cli("compare", bad, good, "--tolerance", "1", "--tolerance", "logits=0").returncode == 1
     r = run_cli("compare", good, other)

@@ -234,6 +234,7 @@ def test_the_compare_command_isolates(model, tmp_path):
     r = run_cli("compare", good, "--isolate", "--model", tmp_path / "tiny", "--json")
     report = json.loads(r.stdout)
     assert r.returncode == 0 and report["isolation"]["ok"] and report["comparison"] is None
+    assert report["format_version"] == 2 and report["ok"] and report["explanation"] is None
     lone = write_dump(record_dump(model, IDS, MASK, include=["logits"]), tmp_path / "lone")
     r = run_cli("compare", lone, "--isolate", "--model", tmp_path / "tiny")
     assert r.returncode == 2 and "no operation can be isolated" in r.stderr and "needs model.norm" in r.stderr
