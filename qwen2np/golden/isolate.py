@@ -40,6 +40,7 @@ position through a probability of exactly 0; every other input is used exactly a
 """
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -99,6 +100,7 @@ class Isolation:
     checks: list
     notes: list = field(default_factory=list)
     layouts: dict = field(default_factory=dict)      # kind -> the layout A stores it in ("stored [B, T, H, HD]")
+    seconds: dict = field(default_factory=dict)      # where the time went: checks, recomputation, catalogue
 
     @property
     def root_causes(self):
@@ -135,7 +137,7 @@ class Isolation:
                             for c in self.root_causes],
             "dump_layouts": [{"key": c.key, "layout": c.layout} for c in self.dump_layouts],
             "not_isolated": [{"key": c.key, "missing": c.missing} for c in self.not_isolated],
-            "checks": [asdict(c) for c in self.checks],
+            "seconds": self.seconds, "checks": [asdict(c) for c in self.checks],
         })
 
 
@@ -153,16 +155,16 @@ def isolate_dump(dump, model, policy=None, progress=None, catalogue=True):
     """
     policy = default_policy(dump.dtype) if policy is None else policy_named(policy)
     config = model.config
+    started = time.perf_counter()
     check_input_ids(dump, config)
     check_layers(dump, config)
     try:
         dump, layouts = normalised(dump, config, Dump)
     except ValueError as e:
         raise DumpError(f"{e}: A ran another architecture; give --model the port's own checkpoint") from None
-    weights, notes, differ = port_weights(model, dump)
-    notes += [f"{kind} {layout}: read as qwen2np lays it out" for kind, layout in layouts.items()]
-    notes += _declared(dump, config, policy)
-    ops = Operations(dump, config, weights)
+    held = port_weights(model, dump)
+    ops = Operations(dump, config, held.weights)
+    checked = time.perf_counter()
     judge = Judge(dump, policy)
     checks, learned = [], {}
     # name by name, each through every pass (so that each weight is converted once), reported in dump order
@@ -171,20 +173,31 @@ def isolate_dump(dump, model, policy=None, progress=None, catalogue=True):
     for i, (_, e) in enumerate(entries):
         first.setdefault(e["name"], i)
         order[e["key"]] = i
-    previous = None
-    for index, entry in sorted(entries, key=lambda ie: (first[ie[1]["name"]], ie[0])):
-        if entry["name"] != previous:
-            ops.forget()
-            previous = entry["name"]
-        check = isolate_one(ops, entry["name"], index, judge, learned, differ)
-        checks.append(check)
-        if progress is not None and check.ok is not None:
-            progress(check)
+    passes = {}
+    for index, entry in entries:
+        passes.setdefault(entry["name"], []).append(index)
+    for name in sorted(passes, key=first.get):
+        ops.forget()
+        joined = _joined(ops, name, passes[name], learned)
+        for index in passes[name]:
+            check = isolate_one(ops, name, index, judge, learned, joined.get(index))
+            checks.append(check)
+            if progress is not None and check.ok is not None:
+                progress(check)
     ops.forget()
+    held.settle()       # the weights checked as they were read: those that differ, and what read them
+    for c in checks:
+        wrong = [w for w in c.weights if w in held.differ]
+        if wrong:
+            c.notes.append(f"reads {', '.join(wrong)}, which {held.differ[wrong[0]]}")
+    notes = held.notes + [f"{kind} {layout}: read as qwen2np lays it out" for kind, layout in layouts.items()]
     checks.sort(key=lambda c: order[c.key])
-    isolation = Isolation(dump, policy, checks, notes, layouts)
+    isolation = Isolation(dump, policy, checks, notes + _declared(dump, config, policy), layouts)
+    recomputed = time.perf_counter()
     diagnose(isolation, ops, learned, judge, catalogue=catalogue)
     ops.forget()
+    isolation.seconds = {"checks": checked - started, "recomputation": recomputed - checked,
+                         "catalogue": time.perf_counter() - recomputed}
     return isolation
 
 
@@ -220,9 +233,21 @@ def _declared(dump, config, policy):
     return notes
 
 
-def isolate_one(ops, name, index, judge, learned, differ=None):
+def _joined(ops, name, passes, learned):
+    """The passes of a position-wise operation computed as one, in the first rounding orders isolate_one
+    tries: {pass: (orders, expected, inputs)}; {} when they cannot be."""
+    try:
+        layer, recipe = ops.recipe(name, passes[0])
+        orders = combinations(recipe.families, learned)[0] if ops.dump.dtype in HALF else {}
+        return {k: (orders, *computed) for k, computed in ops.expected_passes(name, passes, orders).items()}
+    except NotIsolated:
+        return {}
+
+
+def isolate_one(ops, name, index, judge, learned, joined=None):
     """The OpCheck of tensor `name` of pass `index`: recomputed in the port's rounding orders (half
-    precision: the orders learned so far first, then transformers', then the others, until one fits)."""
+    precision: the orders learned so far first, then transformers', then the others, until one fits).
+    `joined`: (orders, expected, inputs) already computed with the other passes."""
     dump = ops.dump
     p = dump.passes[index]
     key = name if index == 0 else f"{name}@{index}"
@@ -232,7 +257,10 @@ def isolate_one(ops, name, index, judge, learned, differ=None):
         layer, recipe = ops.recipe(name, index)
         check.weights = [ops.weight_name(w, layer) for w in recipe.weights]
         combos = combinations(recipe.families, learned) if dump.dtype in HALF else [{}]
-        expected = ops.expected(name, index, combos[0])
+        if joined is not None and joined[0] == combos[0]:
+            expected, ops.used = joined[1], list(joined[2])
+        else:
+            expected = ops.expected(name, index, combos[0])
     except NotIsolated as e:
         check.missing, check.inputs = str(e), list(dict.fromkeys(ops.used))
         return check
@@ -252,9 +280,6 @@ def isolate_one(ops, name, index, judge, learned, differ=None):
     if check.ok and check.orders:
         learned.update(check.orders)
     _cache_not_read(ops, check, name, index, layer, actual.shape)
-    wrong = [w for w in check.weights if w in (differ or {})]
-    if wrong:
-        check.notes.append(f"reads {', '.join(wrong)}, which {differ[wrong[0]]}")
     return check
 
 

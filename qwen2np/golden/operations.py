@@ -61,6 +61,25 @@ class Operations:
         inputs = [self.read(symbol, layer, k) for symbol in symbols]
         return compute(ctx, *inputs, *(self.weight(w, layer) for w in weights))
 
+    def expected_passes(self, name, passes, orders=None):
+        """{k: (op(inputs), the keys read)} for the passes of a position-wise operation (a product, a norm),
+        computed as one with their inputs joined along T, so that each weight is converted once (lm_head's
+        136 M values, not once per decode step); {} when it is not position-wise, or the passes' recipes
+        differ. NotIsolated when an input is not recorded."""
+        layer, recipe = self.recipe(name, passes[0])
+        if not recipe.rowwise or len(passes) < 2 or any(self.recipe(name, k)[1] is not recipe for k in passes[1:]):
+            return {}
+        inputs, used = [], {}
+        for k in passes:
+            self.used = []
+            inputs.append([self.read(symbol, layer, k) for symbol in recipe.inputs])
+            used[k] = list(dict.fromkeys(self.used))
+        joined = [np.concatenate(xs, axis=1) for xs in zip(*inputs)]              # [B, T0 + T1 + …, …]
+        out = recipe.compute(self.context(name, passes[0], layer, orders), *joined,
+                             *(self.weight(w, layer) for w in recipe.weights))
+        parts = np.split(out, np.cumsum([xs[0].shape[1] for xs in inputs])[:-1], axis=1)
+        return {k: (part, used[k]) for k, part in zip(passes, parts)}
+
     def operation(self, name):
         """(layer, or None for the model's own operations; the operation's name in recipes.py)"""
         for op in RECIPES:

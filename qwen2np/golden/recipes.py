@@ -116,6 +116,7 @@ class Recipe:
     weights: tuple = ()    # the weights it reads, named as in the layer ("self_attn.q_proj.weight")
     when: tuple = ()       # an alternative used only when these tensors are recorded
     families: tuple = ()   # the rounding-order families where a half-precision port may differ (orders.py)
+    rowwise: bool = False  # position by position (a product, a norm, …): the passes may be computed as one
 
 
 # -- norms, products, the MLP, the residual stream ----------------------------------------------------
@@ -240,12 +241,12 @@ RECIPES = {
     "embed_tokens": Recipe((), embedding, weights=("embed_tokens.weight",)),
     "rotary_emb.cos": Recipe((), cos_table),
     "rotary_emb.sin": Recipe((), sin_table),
-    "norm": Recipe(("residual",), rms_norm, weights=("norm.weight",), families=("norm",)),
-    "logits": Recipe(("norm",), linear, weights=("lm_head.weight",)),
+    "norm": Recipe(("residual",), rms_norm, rowwise=True, weights=("norm.weight",), families=("norm",)),
+    "logits": Recipe(("norm",), linear, rowwise=True, weights=("lm_head.weight",)),
 }
 LAYER_RECIPES = {
-    "input_layernorm": Recipe(("residual",), rms_norm, weights=("input_layernorm.weight",), families=("norm",)),
-    **{f"self_attn.{p}": Recipe(("input_layernorm",), linear, weights=w, families=("bias",))
+    "input_layernorm": Recipe(("residual",), rms_norm, rowwise=True, weights=("input_layernorm.weight",), families=("norm",)),
+    **{f"self_attn.{p}": Recipe(("input_layernorm",), linear, rowwise=True, weights=w, families=("bias",))
        for p, w in ATTENTION_WEIGHTS.items()},
     "self_attn.q_rope": (Recipe(("self_attn.q_proj", *TABLES), q_rope, when=TABLES, families=("rope",)),
                          Recipe(("self_attn.q_proj",), q_rope, families=("rope", "rope_tables"))),
@@ -263,20 +264,20 @@ LAYER_RECIPES = {
                                  families=("attention",)),
                           Recipe(CACHE, fused_context, families=("attention",))),
     "self_attn.head_out": Recipe(("self_attn.context",), head_out, weights=("self_attn.o_proj.weight",)),
-    "self_attn.o_proj": Recipe(("self_attn.context",), linear, weights=("self_attn.o_proj.weight",)),
-    "resid_mid": Recipe(("residual", "self_attn.o_proj"), add),
+    "self_attn.o_proj": Recipe(("self_attn.context",), linear, rowwise=True, weights=("self_attn.o_proj.weight",)),
+    "resid_mid": Recipe(("residual", "self_attn.o_proj"), add, rowwise=True),
     "post_attention_layernorm": (
-        Recipe(("resid_mid",), rms_norm, weights=("post_attention_layernorm.weight",), when=("resid_mid",),
+        Recipe(("resid_mid",), rms_norm, rowwise=True, weights=("post_attention_layernorm.weight",), when=("resid_mid",),
                families=("norm",)),
-        Recipe(("residual", "self_attn.o_proj"), norm_of_sum, weights=("post_attention_layernorm.weight",),
+        Recipe(("residual", "self_attn.o_proj"), norm_of_sum, rowwise=True, weights=("post_attention_layernorm.weight",),
                families=("norm",))),
-    "mlp.gate_proj": Recipe(("post_attention_layernorm",), linear, weights=("mlp.gate_proj.weight",)),
-    "mlp.up_proj": Recipe(("post_attention_layernorm",), linear, weights=("mlp.up_proj.weight",)),
-    "mlp.act": Recipe(("mlp.gate_proj",), act, families=("silu",)),
-    "mlp.act_up": Recipe(("mlp.gate_proj", "mlp.up_proj"), act_up, families=("swiglu",)),
-    "mlp.down_proj": (Recipe(("mlp.act_up",), linear, weights=("mlp.down_proj.weight",), when=("mlp.act_up",)),
-                      Recipe(("mlp.act", "mlp.up_proj"), down_proj, weights=("mlp.down_proj.weight",),
+    "mlp.gate_proj": Recipe(("post_attention_layernorm",), linear, rowwise=True, weights=("mlp.gate_proj.weight",)),
+    "mlp.up_proj": Recipe(("post_attention_layernorm",), linear, rowwise=True, weights=("mlp.up_proj.weight",)),
+    "mlp.act": Recipe(("mlp.gate_proj",), act, rowwise=True, families=("silu",)),
+    "mlp.act_up": Recipe(("mlp.gate_proj", "mlp.up_proj"), act_up, rowwise=True, families=("swiglu",)),
+    "mlp.down_proj": (Recipe(("mlp.act_up",), linear, rowwise=True, weights=("mlp.down_proj.weight",), when=("mlp.act_up",)),
+                      Recipe(("mlp.act", "mlp.up_proj"), down_proj, rowwise=True, weights=("mlp.down_proj.weight",),
                              families=("swiglu_product",))),
-    "": (Recipe(("resid_mid", "mlp.down_proj"), add, when=("resid_mid",)),     # the layer's output, layers.{l}
-         Recipe(("residual", "self_attn.o_proj", "mlp.down_proj"), layer_output)),
+    "": (Recipe(("resid_mid", "mlp.down_proj"), add, rowwise=True, when=("resid_mid",)),     # the layer's output, layers.{l}
+         Recipe(("residual", "self_attn.o_proj", "mlp.down_proj"), layer_output, rowwise=True)),
 }
