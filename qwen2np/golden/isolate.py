@@ -89,6 +89,7 @@ class OpCheck:
     mistake: str = ""       # a root cause: the known porting mistake that reproduces it (catalogue.py)
     layout: str = ""        # a tensor stored in another layout than the port computed with (diagnosis.py)
     weights: list = field(default_factory=list)  # the weights the recomputation read
+    via: str = ""           # "fused": a context recomputed from q, k and v (no probs recorded)
 
 
 @dataclass
@@ -211,7 +212,7 @@ class Judge:
 
     def __call__(self, check, expected):
         trial = OpCheck(name=check.name, key=check.key, pass_index=check.pass_index, inputs=check.inputs,
-                        position=check.position)
+                        position=check.position, via=check.via)
         measure(trial, self.dump[check.key], expected, self.valid.get(check.key), self.dump.dtype)
         self.policy.judge_isolation(trial)
         return trial
@@ -256,6 +257,7 @@ def isolate_one(ops, name, index, judge, learned, joined=None):
     try:
         layer, recipe = ops.recipe(name, index)
         check.weights = [ops.weight_name(w, layer) for w in recipe.weights]
+        check.via = "fused" if "attention" in recipe.families else ""
         combos = combinations(recipe.families, learned) if dump.dtype in HALF else [{}]
         if joined is not None and joined[0] == combos[0]:
             expected, ops.used = joined[1], list(joined[2])

@@ -246,3 +246,26 @@ def test_a_per_mille_bug_in_a_half_precision_port_is_named_alone(half_model, sty
     assert roots(isolation) == want, format_isolation(isolation, brief=True)
     # a decode step's table has HD = 8 elements: θ 0.1 % low moves fewer than the limit's floor of two there
     assert {c.pass_index for c in isolation.root_causes} == ({0} if want[0].startswith("model.rotary") else {0, 1, 2})
+
+
+# -- the real checkpoint ------------------------------------------------------------------------------
+
+
+@pytest.mark.checkpoint
+@pytest.mark.slow
+def test_a_gqa_bug_in_a_fused_port_of_the_real_checkpoint_is_named(real_model, real_tokenizer):
+    """Qwen2.5-Coder-0.5B (14 query heads over 2 KV heads) as a fused port computes it, h % KV for h // 7:
+    named at the context of the layers dumped, in every pass; the same port without the bug is clean (its
+    layer-0 context, 4e-5 from float64 through the sharp softmax, within the fused context's limit)."""
+    ids = [real_tokenizer("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n")[
+        "input_ids"]]
+    include = [n for n in real_model.intermediate_names() if n.startswith(("model.embed_tokens", "model.rotary_emb",
+                                                                            "model.layers.0", "model.layers.1."))]
+    bad = port_dump(real_model, ids, decode_steps=2, fused=True, mistakes=["gqa_tile"], include=include)
+    isolation = isolate_dump(bad, real_model)
+    assert roots(isolation) == layers("self_attn.context", 2), format_isolation(isolation, brief=True)
+    assert {c.pass_index for c in isolation.root_causes} == {0, 1, 2}
+    assert {c.mistake for c in isolation.root_causes} == {
+        "KV head h % KV (tile) instead of h // G (repeat) (in the fused attention)"}
+    clean = isolate_dump(port_dump(real_model, ids, decode_steps=2, fused=True, include=include), real_model)
+    assert clean.ok and not clean.not_isolated, format_isolation(clean, brief=True)

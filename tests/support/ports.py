@@ -64,9 +64,7 @@ def port_dump(model, ids, mask=None, *, decode_steps=0, dtype="float32", style="
         how["layout"] = layout
     m, c = set(mistakes), model.config
     r = _rounding(dtype)
-    weights = {n: r(np.asarray(w, np.float32)) for n, w in model.state_dict().items()}
-    for name in lost:                                 # lost in the port's conversion: zeros where it was
-        weights[name] = np.zeros_like(weights[name])
+    weights = _Held(model.state_dict(), r, lost)
     ids = np.asarray(ids)
     B, N = ids.shape
     mask = np.ones((B, N), np.int64) if mask is None else np.asarray(mask)
@@ -262,6 +260,19 @@ def port_dump(model, ids, mask=None, *, decode_steps=0, dtype="float32", style="
                        "weights_fingerprint": weights_fingerprint(weights)}
     return new_dump(producer=producer or f"a numpy port ({style})", dtype=dtype, input_ids=ids,
                     attention_mask=None if mask.all() else mask, passes=passes, model=description)
+
+
+class _Held(dict):
+    """The port's weights: the model's rounded to its dtype as they are read (no second copy of a real
+    checkpoint's weights in memory); those in `lost` are zeros, as a conversion that lost them leaves them."""
+
+    def __init__(self, weights, r, lost):
+        super().__init__(weights)
+        self.r, self.lost = r, set(lost)
+
+    def __getitem__(self, name):
+        w = np.asarray(super().__getitem__(name), np.float32)
+        return np.zeros_like(w) if name in self.lost else self.r(w)
 
 
 def _activation(g, m, r):
