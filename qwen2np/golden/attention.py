@@ -221,7 +221,8 @@ def fused_context(ctx, q, keys, values, recorded_mask=None, scale=None, kv_index
         S = ctx.start + ctx.length if ctx.whole else int(ctx.positions.max()) + 1
     order = ctx.order("attention")
     ordered = {"eager": "product", "queries": "queries"}.get(order, None)
-    s = scores(_Ordered(ctx, scores=ordered, softmax="float32") if ordered else _Exact(ctx), q, keys, scale, kv_index, S)
+    inside = _Ordered(ctx, scores=ordered, softmax="float32") if ordered else _Exact(ctx)
+    s = scores(inside, q, keys, scale, kv_index, S)
     if recorded_mask is None and window != "config":
         allowed = layer_mask(ctx, B, T, S, window) == 0
     else:

@@ -172,7 +172,8 @@ def normalised(dump, config, dump_class):
 
 def _sizes(name, config):
     """The config's sizes that make the shape of `name`, for an error message."""
-    fields = {"D": "hidden_size", "H·HD": "num_attention_heads × head_dim", "KV·HD": "num_key_value_heads × head_dim",
+    fields = {"D": "hidden_size", "H·HD": "num_attention_heads × head_dim",
+              "KV·HD": "num_key_value_heads × head_dim",
               "H": "num_attention_heads", "KV": "num_key_value_heads", "HD": "head_dim", "F": "intermediate_size",
               "V": "vocab_size"}
     return ", ".join(f"{fields[a]} {_size(a, config)}" for a in axes_of(name) if a in fields)

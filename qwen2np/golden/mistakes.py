@@ -249,7 +249,8 @@ def norm(how):
         ms = (x * x).mean(-1, keepdims=True)
         if how == "eps outside":
             return rec.scale_normalised(ctx, x / (np.sqrt(ms) + eps), w)
-        h = x / np.sqrt(ms + {"llama eps": 1e-5, "no eps": 0.0}.get(how, eps))
+        with np.errstate(divide="ignore", invalid="ignore"):   # no eps on a row of zeros: NaN, not a match
+            h = x / np.sqrt(ms + {"llama eps": 1e-5, "no eps": 0.0}.get(how, eps))
         if how == "1 + w":
             return ctx.r((1 + ctx.weight(w)) * ctx.r(h))
         if how == "no weight":

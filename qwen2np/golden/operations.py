@@ -123,7 +123,8 @@ class Operations:
         passes = []
         for i in range(k + 1):
             p = self.dump.passes[i]
-            if p.get("positions") is not None and list(p["positions"]) != list(range(p["start"], p["start"] + p["length"])):
+            kept = p.get("positions")
+            if kept is not None and list(kept) != list(range(p["start"], p["start"] + p["length"])):
                 raise NotIsolated(f"needs every position of {_key(name, i)} (the KV cache), and A keeps only "
                                   f"positions {_short(p['positions'])} of that pass")
             passes.append(self.get(name, i))

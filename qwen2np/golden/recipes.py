@@ -241,12 +241,13 @@ RECIPES = {
     "embed_tokens": Recipe((), embedding, weights=("embed_tokens.weight",)),
     "rotary_emb.cos": Recipe((), cos_table),
     "rotary_emb.sin": Recipe((), sin_table),
-    "norm": Recipe(("residual",), rms_norm, rowwise=True, weights=("norm.weight",), families=("norm",)),
-    "logits": Recipe(("norm",), linear, rowwise=True, weights=("lm_head.weight",)),
+    "norm": Recipe(("residual",), rms_norm, weights=("norm.weight",), families=("norm",), rowwise=True),
+    "logits": Recipe(("norm",), linear, weights=("lm_head.weight",), rowwise=True),
 }
 LAYER_RECIPES = {
-    "input_layernorm": Recipe(("residual",), rms_norm, rowwise=True, weights=("input_layernorm.weight",), families=("norm",)),
-    **{f"self_attn.{p}": Recipe(("input_layernorm",), linear, rowwise=True, weights=w, families=("bias",))
+    "input_layernorm": Recipe(("residual",), rms_norm, weights=("input_layernorm.weight",), families=("norm",),
+                              rowwise=True),
+    **{f"self_attn.{p}": Recipe(("input_layernorm",), linear, weights=w, families=("bias",), rowwise=True)
        for p, w in ATTENTION_WEIGHTS.items()},
     "self_attn.q_rope": (Recipe(("self_attn.q_proj", *TABLES), q_rope, when=TABLES, families=("rope",)),
                          Recipe(("self_attn.q_proj",), q_rope, families=("rope", "rope_tables"))),
@@ -259,25 +260,27 @@ LAYER_RECIPES = {
                         Recipe(("self_attn.scores",), probs, families=("softmax",))),
     # with probs, the product by the values; without (a fused kernel: nothing between q, k, v and the
     # context to dump), the whole attention from the port's queries, cached keys and values, and its mask
-    "self_attn.context": (Recipe(("self_attn.probs", "self_attn.v_proj@*"), attention.context, when=("self_attn.probs",)),
+    "self_attn.context": (Recipe(("self_attn.probs", "self_attn.v_proj@*"), attention.context,
+                                 when=("self_attn.probs",)),
                           Recipe((*CACHE, "self_attn.mask"), fused_context, when=("self_attn.mask",),
                                  families=("attention",)),
                           Recipe(CACHE, fused_context, families=("attention",))),
     "self_attn.head_out": Recipe(("self_attn.context",), head_out, weights=("self_attn.o_proj.weight",)),
-    "self_attn.o_proj": Recipe(("self_attn.context",), linear, rowwise=True, weights=("self_attn.o_proj.weight",)),
+    "self_attn.o_proj": Recipe(("self_attn.context",), linear, weights=("self_attn.o_proj.weight",), rowwise=True),
     "resid_mid": Recipe(("residual", "self_attn.o_proj"), add, rowwise=True),
     "post_attention_layernorm": (
-        Recipe(("resid_mid",), rms_norm, rowwise=True, weights=("post_attention_layernorm.weight",), when=("resid_mid",),
-               families=("norm",)),
-        Recipe(("residual", "self_attn.o_proj"), norm_of_sum, rowwise=True, weights=("post_attention_layernorm.weight",),
-               families=("norm",))),
-    "mlp.gate_proj": Recipe(("post_attention_layernorm",), linear, rowwise=True, weights=("mlp.gate_proj.weight",)),
-    "mlp.up_proj": Recipe(("post_attention_layernorm",), linear, rowwise=True, weights=("mlp.up_proj.weight",)),
-    "mlp.act": Recipe(("mlp.gate_proj",), act, rowwise=True, families=("silu",)),
-    "mlp.act_up": Recipe(("mlp.gate_proj", "mlp.up_proj"), act_up, rowwise=True, families=("swiglu",)),
-    "mlp.down_proj": (Recipe(("mlp.act_up",), linear, rowwise=True, weights=("mlp.down_proj.weight",), when=("mlp.act_up",)),
-                      Recipe(("mlp.act", "mlp.up_proj"), down_proj, rowwise=True, weights=("mlp.down_proj.weight",),
-                             families=("swiglu_product",))),
-    "": (Recipe(("resid_mid", "mlp.down_proj"), add, rowwise=True, when=("resid_mid",)),     # the layer's output, layers.{l}
+        Recipe(("resid_mid",), rms_norm, weights=("post_attention_layernorm.weight",), when=("resid_mid",),
+               families=("norm",), rowwise=True),
+        Recipe(("residual", "self_attn.o_proj"), norm_of_sum, weights=("post_attention_layernorm.weight",),
+               families=("norm",), rowwise=True)),
+    "mlp.gate_proj": Recipe(("post_attention_layernorm",), linear, weights=("mlp.gate_proj.weight",), rowwise=True),
+    "mlp.up_proj": Recipe(("post_attention_layernorm",), linear, weights=("mlp.up_proj.weight",), rowwise=True),
+    "mlp.act": Recipe(("mlp.gate_proj",), act, families=("silu",), rowwise=True),
+    "mlp.act_up": Recipe(("mlp.gate_proj", "mlp.up_proj"), act_up, families=("swiglu",), rowwise=True),
+    "mlp.down_proj": (Recipe(("mlp.act_up",), linear, weights=("mlp.down_proj.weight",), when=("mlp.act_up",),
+                             rowwise=True),
+                      Recipe(("mlp.act", "mlp.up_proj"), down_proj, weights=("mlp.down_proj.weight",),
+                             families=("swiglu_product",), rowwise=True)),
+    "": (Recipe(("resid_mid", "mlp.down_proj"), add, when=("resid_mid",), rowwise=True),   # the layer's output
          Recipe(("residual", "self_attn.o_proj", "mlp.down_proj"), layer_output, rowwise=True)),
 }

@@ -3,6 +3,7 @@ dump's own inputs, so that every root cause is named in one run, in float32 and 
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -411,7 +412,9 @@ def test_isolating_the_real_checkpoint_takes_under_a_minute_and_4_gb(real_model,
     assert m["mistakes"] == ["GELU (tanh) for SiLU", "pairs (2i, 2i+1) rotated, as GPT-J and GGML's normal RoPE, "
                                                      "instead of halves (i, i + HD/2)"]
     isolation = sum(m["isolation"].values())
-    assert isolation < 60, m
+    # wall clock; on a machine shared with other jobs (load above its cores) it measures them too, and the
+    # whole process's CPU time (the checkpoint's loading included) bounds the isolation's work instead
+    assert isolation < 60 or m["load"] > os.cpu_count() and m["cpu"] < 60, m
     assert m["isolation"]["catalogue"] <= isolation - m["isolation"]["catalogue"], m   # at most 2x
     assert m["peak"] < 4e9, m
 

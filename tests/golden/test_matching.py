@@ -54,7 +54,8 @@ def test_a_dump_that_kept_some_positions(model):
         "[4, 5] of that pass")
     with trace(model, edits={"model.layers.1.mlp.act": lambda x: x * np.float32(1.01)}):
         with_bug = record_dump(model, [[1, 2, 3, 4, 5, 6, 7]], positions="-3:", decode_steps=1)
-    assert [c.key for c in isolate_dump(with_bug, model).root_causes] == ["model.layers.1.mlp.act", "model.layers.1.mlp.act@1"]
+    assert [c.key for c in isolate_dump(with_bug, model).root_causes] == ["model.layers.1.mlp.act",
+                                                                          "model.layers.1.mlp.act@1"]
 
 
 @pytest.mark.parametrize("change, message", [
