@@ -45,10 +45,12 @@ ALLOWED = {
                    "model", "inspection", "golden", "teaching", "root"},
     "root": set(),   # qwen2np/__init__.py and __main__.py: the lazy public names, anything
 }
-# golden/recipes.py recomputes each operation from a dump (with rotary.py's RoPE tables and rounding.py's
-# half precision), metrics.py measures the difference: NumPy and the errors only, and each other
-ISOLATED = {"qwen2np.golden.recipes": {"errors"}, "qwen2np.golden.metrics": {"errors"},
-            "qwen2np.golden.rotary": {"errors"}, "qwen2np.golden.rounding": {"errors"}}
+# golden/recipes.py recomputes each operation from a dump (with attention.py's attention, rotary.py's RoPE
+# tables and rounding.py's half precision, in the rounding orders of orders.py), catalogue.py names known
+# porting mistakes and mistakes.py replays them, metrics.py measures the difference: NumPy and the errors only,
+# and each other
+ISOLATED = {f"qwen2np.golden.{m}": {"errors"} for m in ("recipes", "attention", "orders", "catalogue", "mistakes",
+                                                        "metrics", "rotary", "rounding")}
 # imports allowed inside a function: optional dependencies, each imported only where it is needed
 OPTIONAL = {"gguf", "cupy", "huggingface_hub", "matplotlib"}
 

@@ -26,9 +26,11 @@ quantized weights, against a reference on the same dequantized weights). `--tole
 `rel` tolerance (`1e-3`, or `GLOB=1e-3` for the names matching GLOB, repeatable, the last match wins).
 
 `--isolate` recomputes every operation of A from A's own recorded inputs (qwen2np/golden/isolate.py) with
-the weights of `--model` (default: the checkpoint A's manifest names), checked against A's weights
-fingerprint, and reports every root cause; B is then optional. `--json` prints the whole comparison (and
-isolation) as JSON.
+the weights of `--model` (default: the checkpoint A's manifest names, else B's), checked against A's weights
+fingerprint, and reports every root cause with the porting mistake that reproduces it (`--no-catalogue`:
+without replaying them); B is then optional. Given a qwen2np dump as A and another as B, compare takes B as
+the port and says so. `--json` prints one object of the same shape with or without `--isolate` (format
+"qwen2np-compare", version 2: docs/porting.md).
 """
 
 import argparse
@@ -39,8 +41,9 @@ from ..errors import DumpError
 from ..golden.compare import compare_dumps
 from ..golden.dump import read_dump
 from ..golden.isolate import isolate_dump
+from ..golden.layouts import swapped
 from ..golden.policies import policy_named
-from ..golden.report import format_isolation, format_report
+from ..golden.report import format_isolation, format_report, report_json
 from ..golden.tolerances import parse_tolerance
 from ..io.hub import resolve_model_path
 from . import OK, OUT_OF_TOLERANCE
@@ -66,7 +69,10 @@ def add_arguments(parser):
                         help="recompute each operation of A from A's own inputs and name every root cause")
     parser.add_argument("--model", metavar="PATH",
                         help="with --isolate: the port's checkpoint (default: the one A's manifest names)")
-    parser.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    parser.add_argument("--no-catalogue", action="store_true",
+                        help="with --isolate: do not replay the catalogue of porting mistakes on the root causes")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object (format qwen2np-compare 2, docs/porting.md)")
     parser.add_argument("--brief", action="store_true", help="list only the tensors out of tolerance")
 
 
@@ -77,31 +83,36 @@ def run(args):
     if args.model is not None and not args.isolate:
         raise DumpError("--model goes with --isolate (the weights the operations are recomputed with)")
     policy = None if args.policy is None else policy_named(args.policy)
-    a = read_dump(args.a)
-    comparison = None if args.b is None else compare_dumps(a, read_dump(args.b), args.tolerance, policy)
-    isolation = _isolate(a, args.model, policy) if args.isolate else None
+    a, b = read_dump(args.a), None if args.b is None else read_dump(args.b)
+    notes, swap = [], swapped(a, b)
+    if swap:   # the reference first: the port is B, and the port is what is compared and isolated
+        a, b = b, a
+        notes.append(f"the dumps were given in the other order: {b.folder} is a qwen2np dump and {a.folder} is "
+                     f"not ({a.manifest.get('producer', '?')}): {a.folder} is taken as the port (A) and "
+                     f"{b.folder} as the reference (B); give the port first")
+    comparison = None if b is None else compare_dumps(a, b, args.tolerance, policy)
+    isolation = _isolate(a, b, args.model, policy, not args.no_catalogue) if args.isolate else None
     if args.json:
-        if isolation is None:
-            print(json.dumps(comparison.to_json(), allow_nan=False))
-        else:
-            print(json.dumps({"comparison": None if comparison is None else comparison.to_json(),
-                              "isolation": isolation.to_json()}, allow_nan=False))
+        print(json.dumps(report_json(comparison, isolation, swap, notes), allow_nan=False))
     else:
         reports = [] if comparison is None else [format_report(comparison, brief=args.brief)]
         if isolation is not None:
             reports.append(format_isolation(isolation, brief=args.brief, comparison=comparison))
-        print("\n\n".join(reports))
+        print("\n".join(f"note: {n}" for n in notes) + "\n" * bool(notes) + "\n\n".join(reports))
     ok = (comparison is None or comparison.ok) and (isolation is None or isolation.ok)
     return OK if ok else OUT_OF_TOLERANCE
 
 
-def _isolate(dump, model_path, policy):
-    """Isolate `dump` with a qwen2np model of `model_path`, or of the checkpoint its manifest names."""
-    path = model_path or (dump.manifest.get("model") or {}).get("path")
+def _isolate(dump, reference, model_path, policy, catalogue):
+    """Isolate `dump` with a qwen2np model of `model_path`, or of the checkpoint its manifest names, or of the one
+    the reference's manifest names (a qwen2np dump says which checkpoint it ran)."""
+    path = model_path or (dump.manifest.get("model") or {}).get("path") or \
+        (reference is not None and (reference.manifest.get("model") or {}).get("path"))
     if not path:
-        raise DumpError(f"{dump.folder}: its manifest names no checkpoint; give --model the port's checkpoint")
+        raise DumpError(f"{dump.folder}: its manifest names no checkpoint (nor does B's); give --model the port's "
+                        f"checkpoint")
     model = Qwen2ForCausalLM.from_pretrained(resolve_model_path(path))
-    isolation = isolate_dump(dump, model, policy)
+    isolation = isolate_dump(dump, model, policy, catalogue=catalogue)
     if len(isolation.not_isolated) == len(isolation.checks):
         first = isolation.checks[0]
         raise DumpError(f"{dump.folder}: no operation can be isolated: each needs inputs A does not record "

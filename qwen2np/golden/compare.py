@@ -35,6 +35,7 @@ from ..errors import DumpError
 from ..inspection.names import position_axes
 from .dump import tensor_key
 from .fingerprint import differing_weights
+from .layouts import conform, masked_scores
 from .metrics import differences, logits_divergence, top_k_agreement
 from .policies import TOP_P, default_policy, policy_named
 from .report import format_report, json_safe   # format_report also here, beside compare_dumps (the notebooks)
@@ -104,7 +105,7 @@ def compare_dumps(a, b, tolerances=None, policy=None):
     rel_table = policy.rel_tolerances()
     layers = ((a.manifest.get("model") or {}).get("config") or {}).get("num_hidden_layers") or \
         ((b.manifest.get("model") or {}).get("config") or {}).get("num_hidden_layers")
-    tensors, only_in_a, only_in_b = [], [], []
+    tensors, only_in_a, only_in_b, layouts = [], [], [], {}
     for index, p in enumerate(a.passes):
         names_b = set(b.names(index))
         for entry in p["tensors"]:
@@ -114,13 +115,20 @@ def compare_dumps(a, b, tolerances=None, policy=None):
                 continue
             # read a block at a time (metrics.py): the memory of a comparison is a few blocks, not the tensors
             x, y = a.stored(entry["key"]), b.stored(tensor_key(name, index))
+            layout = conform(name, x.shape, y.shape) if x.shape != y.shape else None
+            if layout is not None:   # A's own layout of the same values (token-first, heads split): read as B's
+                x = layout.read(np.asarray(x))   # (read whole: a transpose is not a block at a time)
+                layouts.setdefault(kind_of(name), layout.note)
             if x.shape != y.shape:
                 raise DumpError(f"{entry['key']}: shape {list(x.shape)} in {a.folder or 'A'} but "
                                 f"{list(y.shape)} in {b.folder or 'B'}; dumps of different shapes cannot be compared")
             valid = valid_elements(name, x.shape, mask, p["start"], p["length"], p.get("positions"))
+            if name.endswith("self_attn.scores"):   # scores taken after the mask: compared where keys are allowed
+                valid = _after_the_mask(a, b, name, index, x, valid, layouts)
             overridden = any(fnmatch.fnmatchcase(name, g) for g, _ in tolerances or [])
             if rel_table is not None or overridden:
-                tolerance = tolerance_for(name, policy.name if rel_table is not None else "float32", tolerances)
+                tolerance = tolerance_for(name, policy.name if rel_table is not None else "float32", tolerances,
+                                          position=max(p.get("positions") or [p["start"] + p["length"] - 1]))
                 tensors.append(compare_tensor(name, entry["key"], index, x, y, valid, tolerance))
             else:   # a reduced-precision policy: NMSE and cosine for the kind and depth, and the logits' figures
                 t = compare_tensor(name, entry["key"], index, x, y, valid, math.inf)
@@ -129,7 +137,25 @@ def compare_dumps(a, b, tolerances=None, policy=None):
         only_in_b += [t["key"] for t in b.passes[index]["tensors"] if t["name"] not in set(a.names(index))]
     if not tensors:
         raise DumpError(f"the dumps have no tensor name in common ({a.describe()}; {b.describe()})")
-    return Comparison(a, b, tensors, only_in_a, only_in_b, notes(a, b, policy), policy)
+    layout_notes = [f"A's {kind} {note}: compared " + ("where keys are allowed" if kind.endswith("scores") else
+                                                       "as B lays it out") for kind, note in layouts.items()]
+    return Comparison(a, b, tensors, only_in_a, only_in_b, notes(a, b, policy) + layout_notes, policy)
+
+
+def _after_the_mask(a, b, name, index, x, valid, layouts):
+    """Scores of A with −inf or finfo.min exactly where B's mask hides a key (TransformerLens' hook): the
+    elements to compare are the keys allowed."""
+    mask_name = name.rsplit(".", 1)[0] + ".mask"
+    if mask_name not in b.names(index):
+        return valid
+    x = np.asarray(x)
+    if np.isfinite(x).all() and x.min() > -3e4:
+        return valid
+    shown = masked_scores(x, np.asarray(b.tensor(mask_name, index)) != 0, a.dtype)
+    if shown is None:
+        return valid
+    layouts.setdefault("self_attn.scores", "recorded after the mask (−inf or finfo.min where a key is hidden)")
+    return shown if valid is None else valid & shown
 
 
 def depth(name, num_layers):

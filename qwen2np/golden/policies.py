@@ -104,11 +104,13 @@ class Policy:
     compare: dict = None          # kind -> Budget ("*": every other kind); None: rel tolerances of tolerances.py
     logits: LogitsBudget = None
 
-    def isolation_limit(self, name):
-        return self.isolate.get(kind_of(name), self.isolate["*"])
+    def isolation_limit(self, name, via=""):
+        """The limit of an isolated operation; `via` "fused" for a context recomputed from q, k and v."""
+        kind = kind_of(name)
+        return self.isolate.get(f"{kind} ({via})" if via else kind) or self.isolate.get(kind, self.isolate["*"])
 
     def judge_isolation(self, check):
-        check.ok, check.limit = self.isolation_limit(check.name).judge(check)
+        check.ok, check.limit = self.isolation_limit(check.name, getattr(check, "via", "")).judge(check)
 
     def judge_comparison(self, t, depth):
         """Set `t.ok` and `t.limit` for a TensorComparison `t` at `depth` (0 first layer … 1 last) under
@@ -147,7 +149,12 @@ _EXACT = {"embed_tokens": Rel(0.0), "self_attn.mask": Rel(0.0)}
 _ROPE = ("rotary_emb.cos", "rotary_emb.sin", "self_attn.q_rope", "self_attn.k_rope")
 # float32: worst local rel 2.1e-6 (down_proj; RoPE tables at position 64, whose float32 angles are off by
 # about 3.4e-8 · position); a RoPE θ off by 0.1 % makes 5e-7 · position
-_FLOAT32_ISOLATION = {**_EXACT, **{k: Rel(2e-6, 1e-7) for k in _ROPE}, "*": Rel(2e-5)}
+# a context recomputed from q, k and v (a port with a fused attention, no probs dumped) carries the port's float32
+# rounding of the scores through the softmax, which layer 0's scores of a few hundred sharpen: a correct float32
+# fused port of the test checkpoint measured 4.0e-5 (60 tokens; tests/support/ports.py); held as compare holds
+# probs and context for the same reason (tolerances.py)
+_FLOAT32_ISOLATION = {**_EXACT, **{k: Rel(2e-6, 1e-7) for k in _ROPE}, "self_attn.context (fused)": Rel(5e-4),
+                      "*": Rel(2e-5)}
 # quantized weights (llama.cpp): the products' local NMSE, worst + 6 dB; all else float32
 _Q8_0_PRODUCTS = {"self_attn.q_proj": -40, "self_attn.k_proj": -37, "self_attn.v_proj": -31, "self_attn.o_proj": -25,
                   "self_attn.head_out": -25, "mlp.gate_proj": -38, "mlp.up_proj": -35, "mlp.down_proj": -32,
@@ -274,7 +281,8 @@ _Q4_K_M = {
 POLICIES = {p.name: p for p in [
     Policy("float32", "a float32 implementation (rel tolerances of tolerances.py)", isolate=_FLOAT32_ISOLATION),
     Policy("float64", "a float64 implementation (rel tolerances of tolerances.py)",
-           isolate={**_EXACT, **{k: Rel(1e-12, 1e-15) for k in _ROPE}, "*": Rel(1e-12)}),
+           isolate={**_EXACT, **{k: Rel(1e-12, 1e-15) for k in _ROPE}, "self_attn.context (fused)": Rel(1e-10),
+                    "*": Rel(1e-12)}),
     # isolation: worst 0.78 % of elements off by one ulp (one key of 128 in a decode step), 0.11 % by more
     Policy("bfloat16", "a correct bfloat16 implementation (weights rounded to bfloat16), as transformers computes",
            isolate={**_EXACT, "*": Ulps(0.02, 0.005)}, compare=_budgets(_BFLOAT16),

@@ -9,7 +9,9 @@ strict JSON (an infinite error is the string "inf"). docs/porting.md shows both 
 
 import math
 
+from .diagnosis import explain
 from .metrics import TOP_K
+from .orders import describe
 
 
 def json_safe(value):
@@ -76,8 +78,9 @@ def format_report(comparison, brief=False):
 
 def format_isolation(isolation, brief=False, comparison=None):
     """The text report: one line per tensor (only root causes and the tensors not isolated when `brief`),
-    then the verdict naming every root cause; with `comparison` (of the same dump against a reference),
-    which of its failures are root causes and which inherit an error."""
+    then the verdict: every root cause with the porting mistake that reproduces it, the layouts found in
+    the dump, the port's rounding orders; with `comparison` (of the same dump against a reference), what
+    each of its failures is (diagnosis.explain)."""
     lines = [f"isolation of {isolation.dump.describe()}, policy {isolation.policy.name}"]
     lines += [f"note: {n}" for n in isolation.notes]
     half = any(c.off is not None for c in isolation.checks)
@@ -86,7 +89,7 @@ def format_isolation(isolation, brief=False, comparison=None):
     header += f"  {'≠ 1 ulp':>8}  {'> 1 ulp':>8}" if half else ""
     lines.append(header + "  limit")
     for c in isolation.checks:
-        if brief and c.ok is not False:
+        if brief and c.ok is not False and not c.layout:
             continue
         if c.ok is None:
             lines.append(f"{c.key:<{width}}  not isolated: {c.missing}")
@@ -95,31 +98,97 @@ def format_isolation(isolation, brief=False, comparison=None):
         line = f"{c.key:<{width}}  {c.max_abs:9.2e}  {c.rel:9.2e}  {nmse:>8}"
         if half:
             line += "          " * 2 if c.off is None else f"  {100 * c.off:7.2f}%  {100 * c.beyond:7.3f}%"
-        lines.append(f"{line}  {c.limit}  {'ok' if c.ok else 'ROOT CAUSE'}")
+        verdict = "DUMP LAYOUT" if c.layout else "ok" if c.ok else "ROOT CAUSE"
+        lines.append(f"{line}  {c.limit}  {verdict}" + "".join(f"  ({n})" for n in c.notes[:1]))
     missing = isolation.not_isolated
     if missing and brief:
         lines.append(f"not isolated: {_count(missing, 'tensor')} whose inputs A does not record (e.g. {missing[0].key}: "
                      f"{missing[0].missing})")
+    lines += _orders(isolation)
+    lines += [f"DUMP LAYOUT: {c.key}: {c.layout}" for c in isolation.dump_layouts]
+    explanation = None if comparison is None or comparison.ok else explain(isolation, comparison)
     roots = isolation.root_causes
     isolated = len(isolation.checks) - len(missing)
     if roots:
-        lines.append(f"ROOT CAUSES: {len(roots)} of {_count(isolated, 'operation')} {_are(roots)} "
-                     f"wrong on {'its' if len(roots) == 1 else 'their'} own inputs: "
-                     + ", ".join(f"{c.key} ({_figure(c)})" for c in roots))
-    else:
+        lines.append(f"ROOT CAUSES: {len(roots)} of {_count(isolated, 'operation')} {_are(roots)} wrong on "
+                     f"{'its' if len(roots) == 1 else 'their'} own inputs: "
+                     + ", ".join(f"{c.key} ({_figure(c)})" for c in roots[:12]) + (", …" if len(roots) > 12 else ""))
+        lines += [f"  {line}" for line in _mistakes(roots)]
+    if explanation is not None and explanation.probable:
+        key, why = explanation.probable[0]
+        lines.append(f"PROBABLE ROOT CAUSE: {key}: the first tensor out of tolerance against B, and not isolated "
+                     f"({why}): isolation could not check it; record its inputs to tell")
+    if not roots and (explanation is None or not explanation.probable):
+        unchecked = f"; {len(missing)} could not be isolated (not checked)" if missing else ""
         lines.append(f"ok: {_all(isolated, 'operation')} isolated "
                      f"{'agrees with its' if isolated == 1 else 'agree with their'} recomputation "
-                     f"({isolation.policy.name} policy)")
-    if comparison is not None and not comparison.ok:
-        failed = [t.key for t in comparison.tensors if not t.ok]
-        own = {c.key for c in roots}
-        inherited = [k for k in failed if k not in own]
-        unexplained = [k for k in failed if k not in own and k in {c.key for c in missing}]
-        lines.append(f"of the {_count(failed, 'tensor')} out of tolerance against B, {len(failed) - len(inherited)} "
-                     f"{'is a root cause' if len(failed) - len(inherited) == 1 else 'are root causes'}; {len(inherited)} "
-                     f"{'inherits' if len(inherited) == 1 else 'inherit'} an error from upstream"
-                     + (f" ({len(unexplained)} of them could not be isolated)" if unexplained else ""))
+                     f"({isolation.policy.name} policy){unchecked}")
+    if explanation is not None:
+        lines.append(_against_b(explanation, comparison))
     return "\n".join(lines)
+
+
+def _orders(isolation):
+    """The port's rounding orders where they are not transformers' (half precision)."""
+    lines = []
+    for family, found in isolation.orders().items():
+        kinds = sorted({c.name.rsplit(".", 1)[-1] if "layers." in c.name else c.name for c in isolation.checks
+                        if family in c.orders})
+        for order, count in found.items():
+            lines.append(f"rounding order: {describe({family: order})}: {_count(count, 'tensor')} "
+                         f"({', '.join(kinds[:4])})")
+    return lines
+
+
+def _mistakes(roots):
+    """One line per root-cause name: the passes, and the mistake that reproduces it."""
+    by_name = {}
+    for c in roots:
+        by_name.setdefault(c.name, []).append(c)
+    lines = []
+    for name, checks in by_name.items():
+        passes = f" (passes {', '.join(str(c.pass_index) for c in checks)})" if len(checks) > 1 else ""
+        mistakes = {c.mistake for c in checks}
+        if mistakes == {""}:
+            said = "no known porting mistake reproduces it"
+        elif len(mistakes) == 1:
+            said = f"reproduced exactly by {checks[0].mistake}"
+        else:
+            said = "; ".join(f"pass {c.pass_index}: {c.mistake or 'no known mistake reproduces it'}" for c in checks)
+        notes = sorted({n for c in checks for n in c.notes})
+        lines.append(f"{name}{passes}: {said}" + "".join(f" ({n})" for n in notes))
+    return lines
+
+
+def _against_b(e, comparison):
+    failed = len([t for t in comparison.tensors if not t.ok])
+    parts = [_says(e.root_causes, "is a root cause", "are root causes")]
+    if e.probable:
+        parts.append(f"{len(e.probable)} a probable root cause (not isolated)")
+    if e.dump_layouts:
+        parts.append(f"{len(e.dump_layouts)} right but stored in another layout in the dump")
+    if e.inherited:
+        parts.append(_says(e.inherited, "inherits an error from upstream", "inherit an error from upstream"))
+    if e.downstream:
+        parts.append(_says(e.downstream, "is right on its own inputs", "are right on their own inputs") +
+                     ", downstream of the probable root cause")
+    if e.unknown:
+        parts.append(_says(e.unknown, "could not be isolated (it may inherit, or be wrong itself)",
+                           "could not be isolated (they may inherit, or be wrong themselves)"))
+    if e.no_upstream:
+        parts.append(_says(e.no_upstream, "has no upstream and agrees", "have no upstream and agree") +
+                     f" with the recomputation from the model ({', '.join(e.no_upstream[:3])}): B differs from the "
+                     f"model there")
+    if e.accumulated:
+        parts.append(_says(e.accumulated, "is right on its own inputs", "are right on their own inputs") +
+                     f" with nothing wrong upstream (e.g. {e.accumulated[0]}): an error accumulating within the limits, or B is not a reference "
+                     f"for A")
+    return f"of the {_count(failed, 'tensor')} out of tolerance against B, " + "; ".join(parts)
+
+
+def _says(things, one, many):
+    """"1 is a root cause", "2 are root causes"."""
+    return f"{len(things)} {one if len(things) == 1 else many}"
 
 
 def _figure(check):
@@ -145,3 +214,24 @@ def _all(things, noun):
 
 def _are(things):
     return "is" if len(things) == 1 else "are"
+
+
+# -- the JSON report ----------------------------------------------------------------------------------
+
+REPORT_FORMAT, REPORT_VERSION = "qwen2np-compare", 2
+
+
+def report_json(comparison=None, isolation=None, swapped=False, notes=()):
+    """`qwen2np compare --json`: one object of the same shape whether or not isolation ran
+    (docs/porting.md, "The JSON report"). `ok` is the verdict the exit status gives (0 when true)."""
+    ok = (comparison is None or comparison.ok) and (isolation is None or isolation.ok)
+    a = comparison.a if comparison is not None else isolation.dump
+    explanation = None if comparison is None or isolation is None or comparison.ok else explain(isolation, comparison)
+    return json_safe({
+        "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "ok": ok, "exit_status": 0 if ok else 1,
+        "a": a.describe(), "b": None if comparison is None else comparison.b.describe(), "swapped": swapped,
+        "notes": list(notes),
+        "comparison": None if comparison is None else comparison.to_json(),
+        "isolation": None if isolation is None else isolation.to_json(),
+        "explanation": None if explanation is None else explanation.to_json(),
+    })

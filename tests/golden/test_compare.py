@@ -189,9 +189,12 @@ def test_the_compare_command_exit_codes_and_json(model, tmp_path):
     assert "note: the weights differ: 1 of them (model.layers.1.mlp.up_proj.weight)" in r.stdout
     r = run_cli("compare", bad, good, "--json")
     report = json.loads(r.stdout)
-    assert r.returncode == 1 and report["ok"] is False and report["first_failure"] == "model.layers.1.mlp.up_proj"
-    assert [t["name"] for t in report["tensors"]][:3] == ["model.embed_tokens", "model.rotary_emb.cos",
-                                                           "model.rotary_emb.sin"]
+    assert r.returncode == 1 and report["ok"] is False and report["exit_status"] == 1
+    assert (report["format"], report["format_version"], report["isolation"], report["swapped"]) == \
+        ("qwen2np-compare", 2, None, False)
+    assert report["comparison"]["first_failure"] == "model.layers.1.mlp.up_proj"
+    assert [t["name"] for t in report["comparison"]["tensors"]][:3] == ["model.embed_tokens", "model.rotary_emb.cos",
+                                                                         "model.rotary_emb.sin"]
     assert run_cli("compare", bad, good, "--tolerance", "1").returncode == 0
     assert run_cli("compare", bad, good, "--tolerance", "1", "--tolerance", "logits=0").returncode == 1
     r = run_cli("compare", good, other)
@@ -342,3 +345,25 @@ def test_the_transformers_script_end_to_end(oracle, model, tmp_path):
     r = subprocess.run(script + ["--ids", "1,2", "--include", "nothing.*", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "matches no intermediate" in r.stderr
+
+
+def test_correct_float32_rope_tables_pass_against_float64_at_every_position():
+    """A float32 RoPE table computes its angles position · inv_freq in float32: its error grows with the
+    position (the test checkpoint's θ and head size: 2.2e-6 at position 60, scripts/measure_rope_tables.py).
+    compare once failed a correct float32 dump against a float64 one there (tolerance 1e-6 flat)."""
+    config = Qwen2Config(vocab_size=48, hidden_size=128, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, rope_parameters={"rope_type": "default",
+                                                                                         "rope_theta": 1e6})
+    ids = [np.arange(70) % 48]
+    f32 = Qwen2ForCausalLM(config, seed=1)
+    f64 = Qwen2ForCausalLM._from_params(config, {n: w.astype(np.float64) for n, w in f32.params.items()}, "float64")
+    tables = ["model.rotary_emb.cos", "model.rotary_emb.sin"]
+    c = compare_dumps(record_dump(f32, ids, include=tables, decode_steps=2), record_dump(f64, ids, include=tables,
+                                                                                       decode_steps=2))
+    assert c.ok, format_report(c)
+    assert max(t.rel for t in c.tensors) > 1e-6          # beyond the old flat tolerance: what it failed
+    assert [t.tolerance for t in c.tensors] == pytest.approx([1e-6 + 1e-7 * p for p in (67, 67, 68, 68, 69, 69)])
+    wrong = compare_dumps(record_dump(f32, ids, include=tables), record_dump(
+        Qwen2ForCausalLM._from_params(Qwen2Config(**{**config.to_dict(), "rope_parameters": {
+            "rope_type": "default", "rope_theta": 1e6 * 0.999}}), f64.params, "float64"), ids, include=tables))
+    assert not wrong.ok                                  # θ 0.1 % off is still out of tolerance
