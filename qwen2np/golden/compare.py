@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import DumpError
 from ..inspection.names import position_axes
-from .dump import tensor_key
+from .manifest import tensor_key
 from .fingerprint import differing_weights
 from .layouts import conform, masked_scores
 from .metrics import differences, logits_divergence, top_k_agreement
@@ -247,7 +247,7 @@ def compare_tensor(name, key, pass_index, x, y, valid, tolerance, logits_figures
     """The metrics of one tensor (x from A, y from the reference B) over the `valid` elements
     (`logits_figures`: also top-k agreement, KL and top-p for the logits).
 
-    x and y are arrays, or a dump's StoredTensor (Dump.stored): metrics.py reads them a block at a time,
+    x and y are arrays, or a dump's DumpTensor (Dump.stored): metrics.py reads them a block at a time,
     so that the memory this takes is a few blocks whatever the size of the tensor.
     """
     is_mask = name.rsplit(".", 1)[-1] == "mask"

@@ -16,7 +16,7 @@ docs/tolerances.md says what each is held to. NumPy and ml_dtypes only, like rec
 Each figure is measured a block at a time (`blocks`, at most `BLOCK` elements), so that measuring costs a
 few blocks in float64 whatever the size of the tensor (a [1, 1024, 151936] logits tensor is 622 MB in
 float32): x and y may be arrays or anything that reads a block when indexed with a tuple of slices (a
-dump's `StoredTensor`, dump.py, which reads the block from the file).
+dump's `DumpTensor`, tensor_file.py, which reads the block from the file).
 
 >>> import numpy as np
 >>> e = differences(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.3]))

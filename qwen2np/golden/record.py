@@ -18,7 +18,8 @@ from ..errors import DumpError
 from ..inspection.names import position_axes
 from ..inspection.tracing import Trace
 from ..weights.backend import to_numpy
-from .dump import Dump, DumpWriter, check_dump, new_manifest, plan_passes, read_dump, tensor_key
+from .dump import Dump, DumpWriter, plan_passes, read_dump
+from .manifest import check_dump, new_manifest, tensor_key
 from .fingerprint import architecture, config_fingerprint, weights_fingerprint
 
 

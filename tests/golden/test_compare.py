@@ -18,7 +18,8 @@ from hypothesis.extra.numpy import arrays
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError
 from qwen2np.golden.compare import compare_dumps, compare_tensor
-from qwen2np.golden.dump import FORMAT, FORMAT_VERSION, DumpWriter, new_dump, write_dump
+from qwen2np.golden.dump import DumpWriter, new_dump, write_dump
+from qwen2np.golden.manifest import FORMAT, FORMAT_VERSION
 from qwen2np.golden.isolate import isolate_dump
 from qwen2np.golden.metrics import top_k_agreement
 from qwen2np.golden.record import record_dump

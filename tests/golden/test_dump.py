@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
 from qwen2np.errors import DumpError, OutputExistsError
-from qwen2np.golden.dump import (MANIFEST, TENSORS, DumpWriter, StoredTensor, new_dump, plan_passes, read_dump,
-    tensor_key, write_dump)
+from qwen2np.golden.dump import DumpWriter, new_dump, plan_passes, read_dump, write_dump
+from qwen2np.golden.manifest import MANIFEST, TENSORS, tensor_key
+from qwen2np.golden.tensor_file import DumpTensor
 from qwen2np.golden.fingerprint import config_fingerprint, differing_weights, weight_digest, weights_fingerprint
 from qwen2np.golden.metrics import blocks
 from qwen2np.golden.record import record_dump
@@ -67,7 +68,7 @@ def test_a_dump_round_trips(dump, tmp_path_factory):
     for key, array in dump.tensors.items():
         assert again[key].dtype == array.dtype and np.array_equal(again[key], array)
         stored = again.stored(key)
-        assert isinstance(stored, StoredTensor) and stored.shape == array.shape and stored.dtype == array.dtype
+        assert isinstance(stored, DumpTensor) and stored.shape == array.shape and stored.dtype == array.dtype
         for index in blocks(array.shape, 5):
             assert np.array_equal(stored[index], array[index])
     assert [e["key"] for _, e in again.entries()] == [e["key"] for _, e in dump.entries()]
