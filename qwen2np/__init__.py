@@ -38,6 +38,7 @@ _EXPORTS = {
     "patch_from": "qwen2np.inspection.edits",
     "keep_freed_memory": "qwen2np.weights.system",
     "value_and_grad": "qwen2np.grad.model",
+    "AdamW": "qwen2np.grad.optim",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,6 +9,7 @@ In reading order:
 4. ``model.py``      `value_and_grad`: a forward pass that keeps what the backward needs, layer by layer,
    and the backward through the head, the layers and the embedding
 5. ``plan.py``       which layers keep their activations within the memory budget, which are recomputed
+6. ``optim.py``      AdamW, as torch.optim.AdamW computes it
 
 >>> import numpy as np
 >>> from qwen2np import Qwen2Config, Qwen2ForCausalLM, value_and_grad
