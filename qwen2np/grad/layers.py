@@ -144,13 +144,20 @@ def softmax_backward(d_p, p, axis=-1):
     return p * (d_p - (d_p * p).sum(axis=axis, keepdims=True))
 
 
-def embedding_backward(d_x, ids, num_embeddings):
+def embedding_backward(d_x, ids, num_embeddings, padding_idx=None):
     """Backward of x = E[ids]: each row of d_x is added to the row of E it was read from (a token that
     appears twice gets both).  d_x [B, T, D], ids [B, T] -> d_E [V, D], zero for the tokens not seen.
 
     subtle: np.add.at, not d_E[ids] += d_x, which would keep only one of a repeated token's rows.
+    subtle: transformers' embedding is nn.Embedding(V, D, padding_idx=pad_token_id), whose padding row
+    gets no gradient from the lookup, ever (the row stays as initialised): so here.
+
+    >>> embedding_backward(np.ones((1, 3, 2)), np.array([[1, 0, 1]]), 3, padding_idx=0).tolist()
+    [[0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
     """
     D = d_x.shape[-1]
     d_e = np.zeros((num_embeddings, D), dtype=d_x.dtype)                  # [V, D] (pages untouched stay free)
     np.add.at(d_e, np.asarray(ids).reshape(-1), d_x.reshape(-1, D))
+    if padding_idx is not None and -num_embeddings <= padding_idx < num_embeddings:
+        d_e[padding_idx] = 0
     return d_e

@@ -198,7 +198,7 @@ def _forward_backward(model, base, head, args, labels, problem_type, num_items_i
     d_x = tap(scope, "embed_tokens.grad", d_x)                                               # [B, T, D]
     name = f"{prefix}embed_tokens.weight"
     if args.ids is not None and name in wanted:
-        d_e = embedding_backward(d_x, args.ids, config.vocab_size)                           # [V, D]
+        d_e = embedding_backward(d_x, args.ids, config.vocab_size, config.pad_token_id)      # [V, D]
         if name in grads:                                # tied: the embedding is also lm_head
             d_e += grads[name]
         grads[name] = d_e
