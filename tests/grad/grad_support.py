@@ -65,20 +65,26 @@ def relative_error(fd, g, floor=0.0):
     return float(np.abs(fd - g).max() / scale) if scale else float(np.abs(fd).max())
 
 
-def check_tensor(f, p, g, rng, elements=6):
+def check_tensor(f, p, g, rng, elements=6, floor=1e-6):
     """The worst relative error of gradient `g` of f with respect to `p`: along g itself, along a random
     direction (both relative to |g|, so that a direction where g is small by chance does not divide by
-    almost 0), and element by element at the largest entry of g and a few random ones."""
-    norm = float(np.linalg.norm(g))
-    if norm == 0:   # the finite difference along a random direction must then vanish too
-        u = rng.standard_normal(p.shape)
-        return abs(directional_fd(f, p, u / np.linalg.norm(u)))
+    almost 0), and element by element at the largest entry of g and a few random ones.
+
+    subtle: |g| is bounded below by `floor` (the caller's: about 1e-6 of the model's largest gradient), for
+    gradients that are 0 in exact arithmetic and hold only rounding (q and k when every key a query sees
+    is the same token): the differences' own error, ~1e-12, must not be divided by 1e-18."""
+    norm = max(float(np.linalg.norm(g)), floor)
     errors = []
-    for u in (g / norm, rng.standard_normal(p.shape)):
+    for u in (g if g.any() else rng.standard_normal(p.shape), rng.standard_normal(p.shape)):
         u = u / np.linalg.norm(u)
         errors.append(abs(directional_fd(f, p, u) - float((g * u).sum())) / norm)
     if elements:
         picks = np.unique(np.concatenate([[int(np.abs(g).argmax())], rng.integers(0, p.size, elements - 1)]))
         fd = elementwise_fd(f, p, picks)
-        errors.append(float(np.abs(fd - g.reshape(-1)[picks]).max() / np.abs(g).max()))
+        errors.append(float(np.abs(fd - g.reshape(-1)[picks]).max() / max(np.abs(g).max(), floor)))
     return max(errors)
+
+
+def gradient_floor(grads):
+    """1e-6 of the largest gradient norm of any tensor: check_tensor's floor."""
+    return 1e-6 * max(float(np.linalg.norm(g)) for g in grads.values())
