@@ -43,7 +43,7 @@ ALLOWED = {
     # the golden tools judge the model: they never import it (recipes.py is a second implementation)
     "golden": BASE | {"io", "weights", "tokenizer", "inspection.tracing", "inspection.names"},
     "teaching": BASE | {"io", "weights", "chat", "tokenizer", "generation", "inspection.tracing", "inspection.names",
-                        "model", "inspection", "golden"},
+                        "model", "grad", "inspection", "golden"},
     "cli": BASE | {"io", "weights", "chat", "tokenizer", "generation", "inspection.tracing", "inspection.names",
                    "model", "inspection", "golden", "teaching", "grad", "root"},
     "root": set(),   # qwen2np/__init__.py and __main__.py: the lazy public names, anything
