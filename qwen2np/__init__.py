@@ -37,6 +37,8 @@ _EXPORTS = {
     "zero_head": "qwen2np.inspection.edits",
     "patch_from": "qwen2np.inspection.edits",
     "keep_freed_memory": "qwen2np.weights.system",
+    "value_and_grad": "qwen2np.grad.model",
+    "AdamW": "qwen2np.grad.optim",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

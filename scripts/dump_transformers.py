@@ -24,7 +24,15 @@ How each name of docs/intermediates.md is captured:
 
 `--float64-everywhere` lifts transformers' three float32 islands of a "float64" model (docs/float64.md):
 Qwen2RMSNorm upcasts to float32, eager attention runs softmax in float32, and the rotary embedding
-computes inv_freq, the angles, cos and sin in float32. With it, they run in float64 too.
+computes inv_freq, the angles, cos and sin in float32. With it, they run in float64 too; and so does the
+loss, the fourth island of a backward pass (ForCausalLMLoss and ForTokenClassification upcast the logits
+with `.float()`; docs/gradients.md).
+
+`--grad` adds a backward pass of the causal-LM loss (labels = the input ids, -100 at the padding), as
+`qwen2np dump --grad` does: torch autograd's gradient of each intermediate, taken by a hook on the tensor
+recorded under its name, is dumped as `name.grad`, and each parameter's `.grad` as `{parameter}.grad`
+(only the parameters the --include globs name require a gradient). The embedding's output is made to
+require a gradient, so that every intermediate has one whichever parameters do.
 """
 
 import argparse
@@ -40,6 +48,7 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
+from transformers.loss import loss_utils
 from transformers.models.qwen2 import modeling_qwen2
 
 from qwen2np.cli.dump import FINGERPRINT_METHODS, add_arguments, include_patterns, inputs_from_args
@@ -47,7 +56,7 @@ from qwen2np.errors import DumpError, IntermediateNameError, Qwen2npError
 from qwen2np.golden.dump import new_dump, plan_passes, write_dump
 from qwen2np.golden.record import select_positions, take_positions
 from qwen2np.golden.fingerprint import architecture, config_fingerprint, weights_fingerprint
-from qwen2np.inspection.names import intermediate_names
+from qwen2np.inspection.names import gradient_names, intermediate_names
 
 _ORIGINAL_EAGER = modeling_qwen2.eager_attention_forward
 _ORIGINAL_ROPE = modeling_qwen2.apply_rotary_pos_emb
@@ -107,19 +116,41 @@ def rotary_float64(self, x, position_ids):
     return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
+def causal_lm_loss_float64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                           **kwargs):
+    """loss_utils.ForCausalLMLoss (5.24.0) without its `logits.float()`: float64 logits stay float64."""
+    if shift_labels is None:
+        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:].contiguous()
+    logits = logits.view(-1, vocab_size)
+    return loss_utils.fixed_cross_entropy(logits, shift_labels.view(-1).to(logits.device), num_items_in_batch,
+                                          ignore_index, **kwargs)
+
+
+def token_classification_loss_float64(logits, labels, config, **kwargs):
+    """loss_utils.ForTokenClassification (5.24.0) without its `logits.float()`."""
+    return loss_utils.fixed_cross_entropy(logits.view(-1, config.num_labels), labels.view(-1).to(logits.device),
+                                          **kwargs)
+
+
 @contextlib.contextmanager
 def float64_everywhere():
-    """Within: a float64 transformers Qwen2 computes RMSNorm, the attention softmax and RoPE in float64."""
+    """Within: a float64 transformers Qwen2 computes RMSNorm, the attention softmax, RoPE and the causal-LM
+    and token-classification losses in float64."""
     saved = (modeling_qwen2.Qwen2RMSNorm.forward, modeling_qwen2.Qwen2RotaryEmbedding.forward,
              modeling_qwen2.eager_attention_forward)
+    losses = {k: loss_utils.LOSS_MAPPING[k] for k in ("ForCausalLM", "ForTokenClassification")}
     modeling_qwen2.Qwen2RMSNorm.forward = rms_norm_float64
     modeling_qwen2.Qwen2RotaryEmbedding.forward = rotary_float64
     modeling_qwen2.eager_attention_forward = functools.partial(eager_attention, softmax_dtype=None)
+    loss_utils.LOSS_MAPPING["ForCausalLM"] = causal_lm_loss_float64
+    loss_utils.LOSS_MAPPING["ForTokenClassification"] = token_classification_loss_float64
     try:
         yield
     finally:
         (modeling_qwen2.Qwen2RMSNorm.forward, modeling_qwen2.Qwen2RotaryEmbedding.forward,
          modeling_qwen2.eager_attention_forward) = saved
+        loss_utils.LOSS_MAPPING.update(losses)
 
 
 # -- recording ----------------------------------------------------------------------------------------
@@ -139,20 +170,27 @@ def to_numpy(tensor, copy=True):
 class Recorder:
     """Hooks and wrappers that record the intermediates of a transformers Qwen2ForCausalLM by qwen2np name."""
 
-    def __init__(self, model, patterns):
+    def __init__(self, model, patterns, grads=False, also_known=()):
         self.model = model
         self.patterns = list(patterns)
         self.passes = []       # one {name: array} per forward pass
         self.scope = None      # the `…self_attn` whose forward is running
+        self.grads = {} if grads else None   # with a backward pass: {name.grad: array}, in the order produced
         known = intermediate_names(model.config.num_hidden_layers)
         self.order = {n: i for i, n in enumerate(known)}
+        self.differentiable = set(gradient_names(known))
+        known = known + sorted(self.differentiable) if grads else known
         for p in self.patterns:
-            if not fnmatch.filter(known, p):
+            if not fnmatch.filter(known, p) and not fnmatch.filter(also_known, p):
                 raise IntermediateNameError(f"--include {p!r} matches no intermediate; names look like {known[3]!r}")
 
     def record(self, name, tensor):
         if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
             self.passes[-1][name] = to_numpy(tensor)
+        grad_name = f"{name}.grad"
+        if (self.grads is not None and tensor.requires_grad and grad_name in self.differentiable
+                and any(fnmatch.fnmatchcase(grad_name, p) for p in self.patterns)):
+            tensor.register_hook(lambda g: self.grads.__setitem__(grad_name, to_numpy(g)))
 
     def new_pass(self):
         self.passes.append({})
@@ -184,6 +222,12 @@ class Recorder:
             return lambda mod, args, out: self.record(name, out)
 
         last = module_name.rsplit(".", 1)[-1]
+        if module_name == "model.embed_tokens" and self.grads is not None:
+            def embedding(mod, args, out):   # a gradient for every intermediate, whichever weights have one
+                out = out if out.requires_grad else out.detach().requires_grad_()
+                self.record(module_name, out)
+                return out
+            return [module.register_forward_hook(embedding)]
         if module_name == "model.rotary_emb":
             def rotary(mod, args, out):
                 self.record("model.rotary_emb.cos", out[0])
@@ -314,6 +358,57 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     return dump
 
 
+def record_grad_dump(model, input_ids, attention_mask=None, include=("*",), prompt=None, chat=False, model_path=None,
+                     fingerprint="sha256-f32", float64_all=False, positions=None):
+    """The transformers counterpart of qwen2np.golden.record.record_gradient_dump (`dump --grad`): one
+    forward pass of the causal-LM loss with labels = input_ids (-100 at the padding), `loss.backward()`,
+    and the intermediates, their gradients and the parameters' gradients whose names match `include`,
+    in the order qwen2np lists them (forward order; then the gradients in the order autograd produced them;
+    then the parameters', last to first)."""
+    ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+    mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
+    labels = ids if mask is None else torch.where(mask == 1, ids, -100)
+    parameters = dict(model.named_parameters())
+    wanted = [n for n in parameters if any(fnmatch.fnmatchcase(f"{n}.grad", p) for p in include)]
+    recorder = Recorder(model, include, grads=True, also_known=[f"{n}.grad" for n in parameters])
+    lifted = float64_everywhere() if float64_all else contextlib.nullcontext()
+    required = {n: p.requires_grad for n, p in parameters.items()}
+    try:
+        for n, p in parameters.items():
+            p.requires_grad_(n in wanted)
+            p.grad = None
+        with torch.enable_grad(), lifted, recorder.installed():
+            recorder.new_pass()
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            out.loss.backward()
+        grads = [(f"{n}.grad", to_numpy(parameters[n].grad)) for n in reversed(wanted)]
+    finally:
+        for n, p in parameters.items():
+            p.requires_grad_(required[n])
+            p.grad = None
+    tensors = recorder.ordered(0) + list(recorder.grads.items()) + grads
+    kept = select_positions(positions, ids.shape[1], ids.shape[1])
+    passes = [{"start": 0, "length": ids.shape[1], "tensors": tensors}]
+    if kept is not None:
+        passes[0]["tensors"] = [(n, take_positions(n, a, kept)) for n, a in tensors]
+    dtype = {t: name for name, t in DTYPES.items()}[model.dtype]
+    weights = None
+    if fingerprint is not None:
+        weights = weights_fingerprint({n: to_numpy(t, copy=False) for n, t in model.state_dict().items()}, fingerprint)
+    description = {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
+                   "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
+                   "weights_fingerprint": weights}
+    dump = new_dump(producer=f"transformers {transformers.__version__} (scripts/dump_transformers.py)",
+                    versions=versions(), dtype=dtype, input_ids=ids.numpy(), attention_mask=attention_mask,
+                    prompt=prompt, chat=chat, passes=passes, model=description,
+                    options={"include": list(include), "decode_steps": 0, "attn_implementation": "eager",
+                             "float64_everywhere": bool(float64_all),
+                             "grad": {"labels": "input_ids, -100 at padding", "loss": out.loss.item()}})
+    if kept is not None:
+        dump.manifest["passes"][0]["positions"] = dump.manifest["options"]["positions"] = kept
+    return dump
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="dump_transformers.py", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
@@ -330,6 +425,8 @@ def main(argv=None):
 
         if args.float64_everywhere and args.dtype != "float64":
             raise DumpError("--float64-everywhere needs --dtype float64")
+        if args.grad and args.decode_steps:
+            raise DumpError("--grad runs one forward and backward pass over the whole prompt; it takes no --decode-steps")
         path = resolve_model_path(args.model)
         ids, mask, prompt = inputs_from_args(args, lambda: load_tokenizer(resolve_model_path(args.tokenizer or path)))
         plan_passes(ids.shape[1], args.decode_steps)
@@ -337,8 +434,12 @@ def main(argv=None):
         torch.set_grad_enabled(False)
         transformers.logging.set_verbosity_error()
         model = load_model(path, args.dtype)
-        dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
-                           FINGERPRINT_METHODS[args.fingerprint], args.float64_everywhere, args.positions)
+        if args.grad:
+            dump = record_grad_dump(model, ids, mask, include_patterns(args), prompt, args.chat, path,
+                                    FINGERPRINT_METHODS[args.fingerprint], args.float64_everywhere, args.positions)
+        else:
+            dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
+                               FINGERPRINT_METHODS[args.fingerprint], args.float64_everywhere, args.positions)
         folder = write_dump(dump, args.out, overwrite=args.overwrite)
     except Qwen2npError as e:
         print(f"dump_transformers.py: error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ the bottom (STYLE.md, "The math never sees the plumbing"; README.md, "Reading th
     inspection.tracing, .names         `tap`, the hook the forward pass calls, and the names it uses
     generation                         the decoding loop, given any model
     model                              the forward pass
+    grad                               the backward pass, beside it
     inspection (edits, interp)         interventions and interpretability on a model's intermediates
     golden                             dumps, comparison, isolation: a second implementation, not the model's
     teaching                           the notebooks' grader, figures and port
@@ -36,13 +37,15 @@ ALLOWED = {
     "inspection.names": set(),
     "generation": BASE | {"weights", "tokenizer"},
     "model": BASE | {"io", "weights", "inspection.tracing", "inspection.names", "generation"},
+    # the backward pass, beside the forward it differentiates
+    "grad": BASE | {"io", "weights", "inspection.tracing", "inspection.names", "model"},
     "inspection": BASE | {"io", "weights", "tokenizer", "inspection.tracing", "inspection.names", "model"},
     # the golden tools judge the model: they never import it (recipes.py is a second implementation)
     "golden": BASE | {"io", "weights", "tokenizer", "inspection.tracing", "inspection.names"},
     "teaching": BASE | {"io", "weights", "chat", "tokenizer", "generation", "inspection.tracing", "inspection.names",
-                        "model", "inspection", "golden"},
+                        "model", "grad", "inspection", "golden"},
     "cli": BASE | {"io", "weights", "chat", "tokenizer", "generation", "inspection.tracing", "inspection.names",
-                   "model", "inspection", "golden", "teaching", "root"},
+                   "model", "inspection", "golden", "teaching", "grad", "root"},
     "root": set(),   # qwen2np/__init__.py and __main__.py: the lazy public names, anything
 }
 # golden/recipes.py recomputes each operation from a dump (with attention.py's attention, rotary.py's RoPE

@@ -6,8 +6,10 @@
 The folder gets tensors.safetensors and manifest.json (docs/dump-format.md). Several `--prompt`s make a
 left-padded batch; `--ids` gives token ids directly (`1,2,3`, or JSON `[[1, 2], [3, 4]]` for a batch);
 `--chat` wraps each prompt in the chat template as one user message. `--decode-steps N` feeds the last
-N tokens one at a time through the KV cache, one forward pass each. scripts/dump_transformers.py takes
-the same flags and writes the same format from transformers; `qwen2np compare` compares two dumps.
+N tokens one at a time through the KV cache, one forward pass each. `--grad` adds a backward pass of the
+causal-LM loss (labels = the input ids, -100 at the padding): each intermediate's gradient as
+`name.grad` and each parameter's as `{parameter}.grad` (docs/gradients.md). scripts/dump_transformers.py
+takes the same flags and writes the same format from transformers; `qwen2np compare` compares two dumps.
 """
 
 import json
@@ -19,7 +21,8 @@ import numpy as np
 from .. import Qwen2ForCausalLM, Qwen2Tokenizer
 from ..errors import DumpError
 from ..golden.dump import plan_passes
-from ..golden.record import record_dump, select_positions
+from ..golden.record import record_dump, record_gradient_dump, select_positions
+from ..grad import value_and_grad
 from ..io.folders import check_target
 from ..io.hub import resolve_model_path
 from . import check_text
@@ -51,6 +54,10 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", metavar="PATH", help="where the tokenizer is, if not with the model")
     parser.add_argument("--fingerprint", default="full", choices=["full", "sampled", "none"],
                         help="hash all the weights (default), 16 blocks of each, or none (docs/dump-format.md)")
+    parser.add_argument("--grad", action="store_true",
+                        help="also run the backward pass of the causal-LM loss (labels = the input ids) and dump the "
+                             "gradients as NAME.grad: of the intermediates, and of the parameters the --include "
+                             "globs name (e.g. '*.weight.grad'); docs/gradients.md")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="the folder to write (refused if it holds files, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
@@ -138,6 +145,8 @@ def run(args):
     path = resolve_model_path(args.model)
     ids, mask, prompt = inputs_from_args(
         args, lambda: Qwen2Tokenizer.from_pretrained(resolve_model_path(args.tokenizer or args.model)))
+    if args.grad and args.decode_steps:
+        raise DumpError("--grad runs one forward and backward pass over the whole prompt; it takes no --decode-steps")
     plan = plan_passes(ids.shape[1], args.decode_steps)  # refuse a bad --decode-steps before the slow load
     select_positions(args.positions, ids.shape[1], plan[0][1])   # and a bad --positions
     check_target(args.out, args.overwrite)  # and an --out that holds files (or is a file)
@@ -149,9 +158,12 @@ def run(args):
         raise DumpError(f"--ids: id {ids[r, c]} (row {r + 1}, item {c + 1}) is not a token id of this model "
                         f"(vocab_size {model.config.vocab_size})")
     # each tensor is written as the forward pass produces it: a dump of a big model is never in memory whole
-    dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
-                       FINGERPRINT_METHODS[args.fingerprint], positions=args.positions, out=args.out,
-                       overwrite=args.overwrite)
+    if args.grad:
+        dump = record_gradients(model, ids, mask, prompt, path, args)
+    else:
+        dump = record_dump(model, ids, mask, include_patterns(args), args.decode_steps, prompt, args.chat, path,
+                           FINGERPRINT_METHODS[args.fingerprint], positions=args.positions, out=args.out,
+                           overwrite=args.overwrite)
     folder = dump.folder
     size, count = sum(a.nbytes for a in dump.tensors.values()), len(dump.tensors)
     print(f"wrote {count} tensor{'s' * (count != 1)} ({size / 1e6:.1f} MB) of {len(dump.passes)} forward "
@@ -159,3 +171,22 @@ def run(args):
           f"{weights_line(model)}",
           file=sys.stderr)
     return 0
+
+
+def gradient_labels(ids, mask):
+    """The labels of `dump --grad`: the input ids, -100 at the padding (the usual causal-LM recipe).
+
+    >>> gradient_labels(np.array([[5, 6, 7]]), np.array([[0, 1, 1]])).tolist()
+    [[-100, 6, 7]]
+    """
+    return ids if mask is None else np.where(mask == 1, ids, -100)
+
+
+def record_gradients(model, ids, mask, prompt, path, args):
+    """`dump --grad`: the forward and backward pass of the causal-LM loss, streamed to --out."""
+    def backward(model, ids, mask, params):
+        return value_and_grad(model, ids, labels=gradient_labels(ids, mask), attention_mask=mask, params=params)
+
+    return record_gradient_dump(model, ids, mask, include_patterns(args), backward, prompt, args.chat, path,
+                                FINGERPRINT_METHODS[args.fingerprint], positions=args.positions, out=args.out,
+                                overwrite=args.overwrite)

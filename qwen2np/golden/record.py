@@ -9,13 +9,14 @@
 (2, ['model.layers.1.input_layernorm', 'model.layers.1.self_attn.q_proj'], (1, 1, 32))
 """
 
+import fnmatch
 from contextlib import nullcontext
 
 import numpy as np
 
 from .. import __version__
 from ..errors import DumpError
-from ..inspection.names import position_axes
+from ..inspection.names import gradient_names, position_axes
 from ..inspection.tracing import Trace
 from ..weights.backend import to_numpy
 from .dump import Dump, DumpWriter, plan_passes, read_dump
@@ -90,6 +91,69 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
         return read_dump(out)
     dump = Dump(manifest, tensors)
     check_dump(dump, "record_dump")
+    return dump
+
+
+def record_gradient_dump(model, input_ids, attention_mask, include, backward, prompt=None, chat=False,
+                         model_path=None, fingerprint="sha256-f32", positions=None, out=None, overwrite=False):
+    """A dump of one forward and backward pass (`qwen2np dump --grad`, docs/gradients.md): the intermediates
+    whose names match the globs `include`, the gradients of the intermediates as `name.grad`, and the
+    gradients of the parameters as `{parameter name}.grad` (`model.layers.0.self_attn.q_proj.weight.grad`),
+    each when its name matches.
+
+    `backward(model, input_ids, attention_mask, params)` runs the pass and returns (loss, {parameter name:
+    gradient}) for the parameter names `params` (the command line passes qwen2np.value_and_grad with labels
+    = input_ids, -100 at the padding: golden/ never imports the backward pass it records). Tensors are listed
+    in the order they are produced: the forward's, then the gradients in backward order (intermediates as
+    the backward pass reaches them, then the parameters', from the last to the first), so that `compare`
+    names the first gradient that goes wrong in the order the error spreads.
+    """
+    ids = np.asarray(input_ids)
+    mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    include = list(include)
+    intermediates = model.intermediate_names()
+    names = intermediates + gradient_names(intermediates)
+    parameters = [f"{n}.grad" for n in model.params]
+    traced = [p for p in include if fnmatch.filter(names, p)]
+    for p in include:
+        if p not in traced and not fnmatch.filter(parameters, p):
+            raise DumpError(f"--include {p!r} matches no intermediate, intermediate gradient or parameter gradient; "
+                            f"names look like {names[3]!r}, {names[3]}.grad, {parameters[1]!r}")
+    wanted = [n[:-len(".grad")] for n in parameters if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    kept = select_positions(positions, ids.shape[1], ids.shape[1])
+    options = {"include": include, "decode_steps": 0, "grad": {"labels": "input_ids, -100 at padding"}}
+    manifest = new_manifest(producer=f"qwen2np {versions()['qwen2np']}", versions=versions(), dtype=model.dtype,
+                            input_ids=ids, attention_mask=mask, prompt=prompt, chat=chat,
+                            model=model_description(model, model_path, fingerprint), options=options)
+    manifest["passes"] = [{"start": 0, "length": ids.shape[1], "tensors": []}]
+    if kept is not None:
+        options["positions"] = manifest["passes"][0]["positions"] = kept
+    tensors = {}
+    writer = None if out is None else DumpWriter(out, overwrite=overwrite)
+
+    def sink(name, x, copy=True):    # a copy of an intermediate: the pass may reuse its buffer
+        array = to_numpy(x)
+        if kept is not None:
+            array = take_positions(name, array, kept)
+        manifest["passes"][0]["tensors"].append(
+            {"name": name, "key": name, "shape": list(array.shape), "dtype": array.dtype.name})
+        if writer is not None:
+            writer.add(name, array)
+        else:
+            tensors[name] = np.array(array) if copy else array
+
+    with writer if writer is not None else nullcontext():
+        with Trace(model, *traced, sink=sink):
+            loss, grads = backward(model, ids, mask, wanted)
+        for name in reversed(list(grads)):       # the last parameters' gradients are the backward pass's first
+            sink(f"{name}.grad", grads[name], copy=False)
+        options["grad"]["loss"] = float(loss)
+        if writer is not None:
+            writer.finish(manifest)
+    if writer is not None:
+        return read_dump(out)
+    dump = Dump(manifest, tensors)
+    check_dump(dump, "record_gradient_dump")
     return dump
 
 

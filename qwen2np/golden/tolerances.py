@@ -11,6 +11,8 @@ reproduces them) and the reasons.
 True
 >>> tolerance_for("logits", "float32", overrides=[("*", 0.5), ("logits", 0.25)])
 0.25
+>>> tolerance_for("model.layers.5.mlp.up_proj.grad", "float32"), tolerance_for("model.norm.weight.grad", "float32")
+(0.003, 0.01)
 """
 
 import fnmatch
@@ -41,6 +43,33 @@ TOLERANCES = {
 # (scripts/measure_rope_tables.py; 2.2e-6 at position 60)
 PER_POSITION = {"float32": {"rotary_emb.cos": 1e-7, "rotary_emb.sin": 1e-7}, "float64": {}}
 
+# Gradients (`qwen2np dump --grad`, docs/gradients.md): qwen2np float32 against torch autograd through
+# transformers float32, the 0.5B checkpoint, T = 8, 64, 128 and a padded batch, every intermediate's
+# gradient in all 24 layers and the parameters' of layers 0, 12, 23, the final norm and lm_head
+# (scripts/measure_grad_tolerances.py). float64 against transformers float64 with its four float32 islands
+# lifted, the checkpoint's first 4 layers: worst 8.3e-13 (a layer-0 norm weight's gradient), 121x under 1e-10.
+GRAD_TOLERANCES = {
+    "float32": {
+        "intermediate": 3e-3,     # worst 3.8e-4: layer 0's q_proj.grad, through its sharp softmax (8x)
+        "parameter": 3e-3,        # worst 3.1e-4: layer 23's v_proj.bias.grad (10x)
+        "norm weight": 1e-2,      # worst 1.3e-3: layer 23's post_attention_layernorm.weight.grad, a sum over
+                                  # every position of terms that cancel (8x)
+    },
+    "float64": {"intermediate": 1e-10, "parameter": 1e-10, "norm weight": 1e-10},
+}
+
+
+def gradient_tolerance(kind, dtype):
+    """The tolerance on `rel` of a gradient's kind (`mlp.up_proj.grad`, `grad` for a layer's output,
+    `mlp.up_proj.weight.grad`, `norm.weight.grad`), or None when `kind` is not a gradient."""
+    if kind != "grad" and not kind.endswith(".grad"):
+        return None
+    table = GRAD_TOLERANCES[dtype]
+    if kind.endswith(("norm.weight.grad", "layernorm.weight.grad")):
+        return table["norm weight"]
+    return table["parameter"] if kind.endswith((".weight.grad", ".bias.grad")) else table["intermediate"]
+
+
 _LAYER = re.compile(r"(?:model\.)?layers\.\d+(?:\.(?P<rest>.+))?")
 
 
@@ -63,7 +92,10 @@ def tolerance_for(name, dtype, overrides=None, position=0):
         if fnmatch.fnmatchcase(name, pattern):
             return value
     table, kind = TOLERANCES[dtype], kind_of(name)
-    return table.get(kind, table["*"]) + PER_POSITION.get(dtype, {}).get(kind, 0.0) * position
+    if kind in table:
+        return table[kind] + PER_POSITION.get(dtype, {}).get(kind, 0.0) * position
+    grad = gradient_tolerance(kind, dtype)
+    return table["*"] if grad is None else grad
 
 
 def parse_tolerance(text):

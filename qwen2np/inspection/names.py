@@ -36,6 +36,21 @@ def intermediate_names(num_hidden_layers, prefix="model", head=("logits",)):
     return names + [f"{p}norm"] + list(head)
 
 
+# intermediates that are constants of the inputs (no gradient flows into them), and head_out, which the
+# backward pass does not form (docs/gradients.md)
+NO_GRADIENT = ("rotary_emb.cos", "rotary_emb.sin", "self_attn.mask", "self_attn.head_out")
+
+
+def gradient_names(names):
+    """The names under which a backward pass gives the gradients of the intermediates `names`: each
+    differentiable name with `.grad` appended (docs/gradients.md).
+
+    >>> gradient_names(["model.embed_tokens", "model.rotary_emb.cos", "model.layers.0.self_attn.probs"])
+    ['model.embed_tokens.grad', 'model.layers.0.self_attn.probs.grad']
+    """
+    return [f"{n}.grad" for n in names if not n.endswith(NO_GRADIENT)]
+
+
 def position_axes(name, ndim):
     """(T axis, S axis) of the intermediate `name` with `ndim` dimensions; None where it has no such axis.
 
@@ -45,7 +60,10 @@ def position_axes(name, ndim):
     ((2, 3), (1, None))
     >>> position_axes("logits", 2)    # sequence classification: one row per sequence, no positions
     (None, None)
+    >>> position_axes("model.layers.3.self_attn.probs.grad", 4)   # a gradient: the axes of its tensor
+    (2, 3)
     """
+    name = name.removesuffix(".grad")
     last = name.rsplit(".", 1)[-1]
     if last in _HEAD_MAJOR and ndim == 4:
         return 2, (3 if last in _KEY_AXIS else None)

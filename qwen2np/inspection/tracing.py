@@ -29,6 +29,7 @@ import functools
 
 from ..errors import IntermediateNameError, TraceError
 from ..weights.backend import array_module
+from .names import gradient_names
 
 # subtle: context variables, not module globals, so that a trace entered in one thread (or asyncio task)
 # is invisible to forward passes running in another (docs/inspection.md, "Scope")
@@ -70,6 +71,31 @@ def listens(scope, name):
         return False
     full_name = scope if name is None else f"{scope}.{name}" if scope else name
     return any(t._matches(full_name) for t in _listening(traces))
+
+
+def edited(scope, name):
+    """True when a trace active in this context, for the running model, edits `scope.name` (value_and_grad
+    refuses to differentiate through an edit of the forward pass)."""
+    traces = _active.get()
+    if not traces:
+        return False
+    full_name = scope if name is None else f"{scope}.{name}" if scope else name
+    return any(fnmatch.fnmatchcase(full_name, p) for t in _listening(traces) for p in t.edits)
+
+
+class quiet:
+    """Within, no trace sees any intermediate: for a forward pass run again, whose tensors the traces
+    already saw (the backward pass recomputing a layer, docs/gradients.md)."""
+
+    __slots__ = ("token",)
+
+    def __enter__(self):
+        self.token = _active.set(())
+        return self
+
+    def __exit__(self, *exc):
+        _active.reset(self.token)
+        return False
 
 
 def _listening(traces):
@@ -133,6 +159,7 @@ class Trace:
         self.records = {}  # name -> [tensor per forward pass], in the order first seen
         known = model.intermediate_names() if hasattr(model, "intermediate_names") else None
         if known is not None:
+            known = known + gradient_names(known)     # `name.grad`: its gradient, under value_and_grad
             for p in self.patterns + list(self.edits):
                 if not fnmatch.filter(known, p):
                     raise IntermediateNameError(

@@ -47,7 +47,8 @@ def notebook_tools():
 
 def test_the_notebooks_are_there():
     assert [p.name for p in NOTEBOOKS] == ["01_tokenizer.ipynb", "02_forward_pass.ipynb", "03_inspection.ipynb",
-                                           "04_generation.ipynb", "05_porting_mistakes.ipynb"]
+                                           "04_generation.ipynb", "05_porting_mistakes.ipynb",
+                                           "06_training.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
