@@ -258,7 +258,9 @@ def execute(path, checkpoint=None, measure=False):
     if measure:
         kib, child_kib, cpu = nb.cells.pop().outputs[0]["text"].split()
         # ru_maxrss is in KiB on Linux; for the children, the largest peak of any one of them (a command the
-        # notebook runs, e.g. `qwen2np dump`), which runs beside the kernel
+        # notebook runs). Linux keeps a process's high-water mark across exec, so a command forked from the
+        # kernel reports at least the kernel's size at the fork: an upper bound, not the command's own peak
+        # (measure that alone, e.g. with /usr/bin/time -v)
         usage = {"peak": int(kib) * 1024, "peak_child": int(child_kib) * 1024, "cpu": float(cpu)}
     cells = []
     for index, cell in enumerate(nb.cells):   # wall seconds per code cell; timestamps are not committed
@@ -297,7 +299,7 @@ def main(argv=None):
         fresh, seconds, usage = execute(path, measure=True)
         rows.append((path.name, seconds, usage))
         print(f"{path.name}: {seconds:.0f} s, {usage['cpu']:.0f} CPU s, peak {usage['peak'] / 2**30:.1f} GiB "
-              f"(a child process: {usage['peak_child'] / 2**30:.1f} GiB); "
+              f"(a child process, at most: {usage['peak_child'] / 2**30:.1f} GiB); "
               f"slowest cells: " + ", ".join(f"{i} ({t:.0f} s: {line!r})" for t, i, line in usage["cells"][:4]),
               file=sys.stderr)
         if args.write:
@@ -310,7 +312,7 @@ def main(argv=None):
                 print(p)
             failed |= bool(problems)
     print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print("| notebook | wall time | CPU time | peak memory (kernel) | peak memory (a command it runs) |\n|---|---|---|---|---|")
+    print("| notebook | wall time | CPU time | peak memory (kernel) | peak memory (a command it runs, at most) |\n|---|---|---|---|---|")
     for name, seconds, usage in rows:
         child = f"{usage['peak_child'] / 2**30:.1f} GiB" if usage["peak_child"] > 2**28 else "-"
         print(f"| `{name}` | {seconds:.0f} s | {usage['cpu']:.0f} s | {usage['peak'] / 2**30:.1f} GiB | {child} |")
