@@ -200,39 +200,68 @@ def committed_problems(nb, name="notebook"):
     return problems
 
 
+def kernel_manager(folder):
+    """A manager for a fresh python3 kernel that prints no warnings of its own on stderr, so that what the
+    notebook check shows on stderr is the notebooks' (a real error is never hidden: it is an error output):
+
+    * over IPC (Unix sockets in `folder`), not TCP: ipykernel warns on every start that a TCP kernel
+      without CurveZMQ keys is unencrypted;
+    * with `-X frozen_modules=off`: debugpy, which ipykernel imports, warns on Python >= 3.11 that frozen
+      modules may make it miss breakpoints.
+    """
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(folder) / "kernel"))
+    spec = km.kernel_spec
+    if "-Xfrozen_modules=off" not in spec.argv:
+        spec.argv = [spec.argv[0], "-Xfrozen_modules=off", *spec.argv[1:]]
+    return km
+
+
 def execute(path, checkpoint=None, measure=False):
     """Run the notebook at `path` in a fresh kernel (its folder as the working directory): (notebook,
     wall seconds, and unless `measure` is false, {"peak": the kernel's peak resident memory in bytes,
     "cpu": the kernel's CPU seconds, user + system}; else None)."""
+    import tempfile
+
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
-    # the kernel imports this checkout's qwen2np, whatever is installed (a second checkout or worktree runs
-    # its own code, not the one `pip install -e` pointed at)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    # the kernel imports qwen2np from this checkout, whatever else is installed (its working directory is
+    # notebooks/, which would not put the checkout on sys.path)
+    path_entries = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(path_entries))
     if checkpoint is not None:
         env["QWEN2NP_TEST_CHECKPOINT"] = str(checkpoint)
-    if measure:   # one more cell, removed again: the kernel's own peak resident memory
+    if measure:   # one more cell, removed again: the peak resident memory of the kernel and of its children
         nb.cells.append(nbformat.v4.new_code_cell(
-            "import resource; r = resource.getrusage(resource.RUSAGE_SELF); print(r.ru_maxrss, r.ru_utime + r.ru_stime)"))
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", allow_errors=False,
-                            record_timing=True, coalesce_streams=True,    # a streamed print is one output
-                            resources={"metadata": {"path": str(Path(path).parent)}})
+            "import resource; r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN); "
+            "print(r.ru_maxrss, c.ru_maxrss, r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime)"))
     saved = dict(os.environ)
     os.environ.update(env)            # the kernel inherits the environment of this process
-    try:
-        start = time.perf_counter()
-        client.execute()              # raises CellExecutionError (the cell and its traceback) on any error
-        seconds = time.perf_counter() - start
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with tempfile.TemporaryDirectory(prefix="qwen2np-kernel-") as sockets:
+        km = kernel_manager(sockets)
+        client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, allow_errors=False, record_timing=True,
+                                coalesce_streams=True,    # a streamed print is one output
+                                resources={"metadata": {"path": str(Path(path).parent)}})
+        try:
+            start = time.perf_counter()
+            client.execute()          # raises CellExecutionError (the cell and its traceback) on any error
+            seconds = time.perf_counter() - start
+        finally:
+            if km.has_kernel:
+                km.shutdown_kernel(now=False)
+            os.environ.clear()
+            os.environ.update(saved)
     usage = None
     if measure:
-        kib, cpu = nb.cells.pop().outputs[0]["text"].split()
-        usage = {"peak": int(kib) * 1024, "cpu": float(cpu)}     # ru_maxrss is in KiB on Linux
+        kib, child_kib, cpu = nb.cells.pop().outputs[0]["text"].split()
+        # ru_maxrss is in KiB on Linux; for the children, the largest peak of any one of them (a command the
+        # notebook runs). Linux keeps a process's high-water mark across exec, so a command forked from the
+        # kernel reports at least the kernel's size at the fork: an upper bound, not the command's own peak
+        # (measure that alone, e.g. with /usr/bin/time -v)
+        usage = {"peak": int(kib) * 1024, "peak_child": int(child_kib) * 1024, "cpu": float(cpu)}
     cells = []
     for index, cell in enumerate(nb.cells):   # wall seconds per code cell; timestamps are not committed
         timing = cell.get("metadata", {}).pop("execution", None)
@@ -269,7 +298,8 @@ def main(argv=None):
     for path in notebooks(args.names):
         fresh, seconds, usage = execute(path, measure=True)
         rows.append((path.name, seconds, usage))
-        print(f"{path.name}: {seconds:.0f} s, {usage['cpu']:.0f} CPU s, peak {usage['peak'] / 2**30:.1f} GiB; "
+        print(f"{path.name}: {seconds:.0f} s, {usage['cpu']:.0f} CPU s, peak {usage['peak'] / 2**30:.1f} GiB "
+              f"(a child process, at most: {usage['peak_child'] / 2**30:.1f} GiB); "
               f"slowest cells: " + ", ".join(f"{i} ({t:.0f} s: {line!r})" for t, i, line in usage["cells"][:4]),
               file=sys.stderr)
         if args.write:
@@ -282,9 +312,10 @@ def main(argv=None):
                 print(p)
             failed |= bool(problems)
     print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print("| notebook | wall time | CPU time | peak memory |\n|---|---|---|---|")
+    print("| notebook | wall time | CPU time | peak memory (kernel) | peak memory (a command it runs, at most) |\n|---|---|---|---|---|")
     for name, seconds, usage in rows:
-        print(f"| `{name}` | {seconds:.0f} s | {usage['cpu']:.0f} s | {usage['peak'] / 2**30:.1f} GiB |")
+        child = f"{usage['peak_child'] / 2**30:.1f} GiB" if usage["peak_child"] > 2**28 else "-"
+        print(f"| `{name}` | {seconds:.0f} s | {usage['cpu']:.0f} s | {usage['peak'] / 2**30:.1f} GiB | {child} |")
     return 1 if failed else 0
 
 

@@ -45,10 +45,13 @@ def notebook_tools():
     return nbformat, module
 
 
+TEACHING = ["01_tokenizer.ipynb", "02_forward_pass.ipynb", "03_inspection.ipynb", "04_generation.ipynb",
+            "05_porting_mistakes.ipynb"]   # the course; 06_training (the gradients chapter) follows it
+EXERCISE = re.compile(r"^### Exercise (\d+\.\d+) · (.+?) · ([★☆]{3}) · about (\d+) min$", re.M)
+
+
 def test_the_notebooks_are_there():
-    assert [p.name for p in NOTEBOOKS] == ["01_tokenizer.ipynb", "02_forward_pass.ipynb", "03_inspection.ipynb",
-                                           "04_generation.ipynb", "05_porting_mistakes.ipynb",
-                                           "06_training.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == TEACHING + ["06_training.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -82,15 +85,58 @@ def test_listed_in_the_readme(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_notebook_has_an_exercise_with_a_folded_solution(path):
-    """A "your turn" cell graded by qwen2np.teaching.grader, and its solution folded in <details>."""
+    """A graded exercise (a call to one of qwen2np.teaching's grade_* functions), and its solution folded in
+    <details>."""
     nbformat, _ = notebook_tools()
     nb = nbformat.read(path, as_version=4)
-    turns = [c for c in nb.cells if c.cell_type == "markdown" and "Your turn" in c.source]
     graded = [c for c in nb.cells if c.cell_type == "code" and re.search(r"\bgrade_\w+\(", c.source)]
     solutions = [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
-    assert turns and graded and solutions, path.name
+    assert graded and solutions, path.name
     for cell in solutions:
         assert cell.cell_type == "markdown" and cell.source.startswith("<details>") and "```python" in cell.source
+
+
+def exercises_of(nbformat, name):
+    """[(number, title, stars, minutes, [the cells of the exercise])] of a notebook of the course."""
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    found = []
+    for i, cell in enumerate(nb.cells):
+        m = EXERCISE.match(cell.source) if cell.cell_type == "markdown" else None
+        if m:
+            found.append((m.group(1), m.group(2), m.group(3), int(m.group(4)), nb.cells[i:i + 4]))
+    return found
+
+
+@pytest.mark.parametrize("name", TEACHING)
+def test_every_exercise_has_a_label_a_hint_a_graded_stub_and_a_folded_solution(name):
+    """Task (numbered, difficulty ★ to ★★★, time), then a folded hint, a code cell that grades a stub (which
+    the committed run shows as "not attempted yet"), and the folded solution, tagged for the tests."""
+    nbformat, _ = notebook_tools()
+    found = exercises_of(nbformat, name)
+    assert found, name
+    number = name[1]
+    for k, (n, title, stars, minutes, (task, hint, stub, solution)) in enumerate(found, 1):
+        where = f"{name} exercise {n}"
+        assert n == f"{number}.{k}", f"{where}: exercises are numbered {number}.1, {number}.2, … in order"
+        assert stars in ("★☆☆", "★★☆", "★★★") and 3 <= minutes <= 40, where
+        assert hint.cell_type == "markdown" and hint.source.startswith("<details><summary>Hint"), where
+        assert stub.cell_type == "code" and re.search(r"\bexercises\.grade_\w+\(|\bgrade_\w+\(", stub.source), where
+        shown = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in stub.get("outputs", []))
+        assert "not attempted yet" in shown or "wrong" in shown, (where, shown[:200])
+        assert "solution" in solution.metadata.get("tags", []) and solution.source.startswith(
+            "<details><summary>Solution"), where
+
+
+def test_twenty_graded_exercises_listed_in_the_readme():
+    nbformat, _ = notebook_tools()
+    readme = (NOTEBOOK_DIR / "README.md").read_text(encoding="utf-8")
+    rows = 0
+    for name in TEACHING:
+        for n, title, stars, minutes, _ in exercises_of(nbformat, name):
+            row = f"| {n} | `{name}` | {title} | {stars} | {minutes} min |"
+            assert row in readme, row
+            rows += 1
+    assert rows >= 20
 
 
 # -- the output check itself ----------------------------------------------------------------------------
@@ -169,6 +215,21 @@ def test_a_committed_notebook_must_come_from_one_clean_run():
     nb.cells[1].execution_count = 2
     nb.cells[1].outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="", traceback=[])]
     assert "committed with an error (AssertionError)" in script.committed_problems(nb)[0]
+
+
+def test_the_kernel_prints_no_warnings_of_its_own(tmp_path, capfd):
+    """ipykernel's TCP warning and debugpy's frozen-modules warning went to the test's stderr before: the
+    kernel now runs over IPC with -X frozen_modules=off (scripts/notebooks.py's kernel_manager)."""
+    nbformat, script = notebook_tools()
+    path = tmp_path / "one.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys._xoptions.get('frozen_modules'))"))
+    nbformat.write(nb, path)
+    capfd.readouterr()
+    fresh, _, _ = script.execute(path)
+    err = capfd.readouterr().err
+    assert fresh.cells[0].outputs[0]["text"] == "off\n"
+    assert err == "", err
 
 
 @pytest.mark.slow
