@@ -102,7 +102,7 @@ def format_isolation(isolation, brief=False, comparison=None):
         lines.append(f"{line}  {c.limit}  {verdict}" + "".join(f"  ({n})" for n in c.notes[:1]))
     missing = isolation.not_isolated
     if missing and brief:
-        lines.append(f"not isolated: {len(missing)} tensors whose inputs A does not record (e.g. {missing[0].key}: "
+        lines.append(f"not isolated: {_count(missing, 'tensor')} whose inputs A does not record (e.g. {missing[0].key}: "
                      f"{missing[0].missing})")
     lines += _orders(isolation)
     lines += [f"DUMP LAYOUT: {c.key}: {c.layout}" for c in isolation.dump_layouts]
@@ -110,7 +110,8 @@ def format_isolation(isolation, brief=False, comparison=None):
     roots = isolation.root_causes
     isolated = len(isolation.checks) - len(missing)
     if roots:
-        lines.append(f"ROOT CAUSES: {len(roots)} of {isolated} operations are wrong on their own inputs: "
+        lines.append(f"ROOT CAUSES: {len(roots)} of {_count(isolated, 'operation')} {_are(roots)} "
+                     f"wrong on {'its' if len(roots) == 1 else 'their'} own inputs: "
                      + ", ".join(f"{c.key} ({_figure(c)})" for c in roots[:12]) + (", …" if len(roots) > 12 else ""))
         lines += [f"  {line}" for line in _mistakes(roots)]
     if explanation is not None and explanation.probable:
@@ -118,8 +119,9 @@ def format_isolation(isolation, brief=False, comparison=None):
         lines.append(f"PROBABLE ROOT CAUSE: {key}: the first tensor out of tolerance against B, and not isolated "
                      f"({why}): isolation could not check it; record its inputs to tell")
     if not roots and (explanation is None or not explanation.probable):
-        unchecked = f"; {len(missing)} could not be isolated (not checked)" if missing else ""
-        lines.append(f"ok: all {isolated} operations isolated agree with their recomputation "
+        unchecked = f"; {len(missing)} could not be isolated (not checked)" if missing and not brief else ""
+        lines.append(f"ok: {_all(isolated, 'operation')} isolated "
+                     f"{'agrees with its' if isolated == 1 else 'agree with their'} recomputation "
                      f"({isolation.policy.name} policy){unchecked}")
     if explanation is not None:
         lines.append(_against_b(explanation, comparison))
@@ -133,7 +135,7 @@ def _orders(isolation):
         kinds = sorted({c.name.rsplit(".", 1)[-1] if "layers." in c.name else c.name for c in isolation.checks
                         if family in c.orders})
         for order, count in found.items():
-            lines.append(f"rounding order: {describe({family: order})}: {count} tensors ({', '.join(kinds[:4])})")
+            lines.append(f"rounding order: {describe({family: order})}: {_count(count, 'tensor')} ({', '.join(kinds[:4])})")
     return lines
 
 
@@ -158,31 +160,61 @@ def _mistakes(roots):
 
 
 def _against_b(e, comparison):
-    failed = len([t for t in comparison.tensors if not t.ok])
-    parts = [f"{len(e.root_causes)} are root causes"]
+    failed = [t for t in comparison.tensors if not t.ok]
+    n = len(e.root_causes)
+    parts = [f"{n} {'is a root cause' if n == 1 else 'are root causes'}"]
     if e.probable:
         parts.append(f"{len(e.probable)} a probable root cause (not isolated)")
     if e.dump_layouts:
         parts.append(f"{len(e.dump_layouts)} right but stored in another layout in the dump")
-    if e.inherited:
-        parts.append(f"{len(e.inherited)} inherit an error from upstream")
+    if e.inherited or e.root_causes:
+        inherit = "inherits" if len(e.inherited) == 1 else "inherit"
+        parts.append(f"{len(e.inherited)} {inherit} an error from upstream")
     if e.downstream:
-        parts.append(f"{len(e.downstream)} are right on their own inputs, downstream of the probable root cause")
+        parts.append(f"{len(e.downstream)} {_are(e.downstream)} right on {_their(e.downstream)} own inputs, "
+                     f"downstream of the probable root cause")
     if e.unknown:
-        parts.append(f"{len(e.unknown)} could not be isolated (they may inherit, or be wrong themselves)")
+        parts.append(f"{len(e.unknown)} could not be isolated ({'it' if len(e.unknown) == 1 else 'they'} may "
+                     f"inherit, or be wrong {'itself' if len(e.unknown) == 1 else 'themselves'})")
     if e.no_upstream:
-        parts.append(f"{len(e.no_upstream)} have no upstream and agree with their recomputation from the model "
-                     f"({', '.join(e.no_upstream[:3])}): B differs from the model there")
+        one = len(e.no_upstream) == 1
+        parts.append(f"{len(e.no_upstream)} {'has' if one else 'have'} no upstream and {'agrees' if one else 'agree'} "
+                     f"with {_their(e.no_upstream)} recomputation from the model ({', '.join(e.no_upstream[:3])}): "
+                     f"B differs from the model there")
     if e.accumulated:
-        parts.append(f"{len(e.accumulated)} are right on their own inputs with nothing wrong upstream (e.g. "
-                     f"{e.accumulated[0]}): an error accumulating within the limits, or B is not a reference for A")
-    return f"of the {failed} tensors out of tolerance against B, " + "; ".join(parts)
+        parts.append(f"{len(e.accumulated)} {_are(e.accumulated)} right on {_their(e.accumulated)} own inputs with "
+                     f"nothing wrong upstream (e.g. {e.accumulated[0]}): an error accumulating within the limits, or "
+                     f"B is not a reference for A")
+    return f"of the {_count(failed, 'tensor')} out of tolerance against B, " + "; ".join(parts)
 
 
 def _figure(check):
     if check.off is not None and check.rel < 1e-2:
         return f"{100 * check.off:.1f}% of elements off by ≥ 1 ulp"
     return f"rel {check.rel:.2e}"
+
+
+def _count(things, noun):
+    """"1 tensor", "3 tensors": `things` a number or a list.
+
+    >>> _count([1], "tensor"), _count(3, "operation"), _all([1], "tensor"), _all(2, "tensor"), _are([1, 2])
+    ('1 tensor', '3 operations', '1 tensor', 'all 2 tensors', 'are')
+    """
+    n = things if isinstance(things, int) else len(things)
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _all(things, noun):
+    n = things if isinstance(things, int) else len(things)
+    return ("all " if n != 1 else "") + _count(n, noun)
+
+
+def _are(things):
+    return "is" if len(things) == 1 else "are"
+
+
+def _their(things):
+    return "its" if len(things) == 1 else "their"
 
 
 # -- the JSON report ----------------------------------------------------------------------------------
