@@ -102,8 +102,8 @@ def compare_dumps(a, b, tolerances=None, policy=None):
     mask = a.attention_mask
     policy = default_policy(a.dtype, b.dtype) if policy is None else policy_named(policy)
     rel_table = policy.rel_tolerances()
-    layers = (a.manifest.get("model") or {}).get("config", {}).get("num_hidden_layers") or \
-        (b.manifest.get("model") or {}).get("config", {}).get("num_hidden_layers")
+    layers = ((a.manifest.get("model") or {}).get("config") or {}).get("num_hidden_layers") or \
+        ((b.manifest.get("model") or {}).get("config") or {}).get("num_hidden_layers")
     tensors, only_in_a, only_in_b, layouts = [], [], [], {}
     for index, p in enumerate(a.passes):
         names_b = set(b.names(index))
