@@ -36,7 +36,7 @@ from ..inspection.names import position_axes
 from .manifest import tensor_key
 from .fingerprint import differing_weights
 from .layouts import conform, masked_scores
-from .metrics import differences, logits_divergence, top_k_agreement
+from .metrics import blocks, differences, logits_divergence, top_k_agreement
 from .policies import TOP_P, default_policy, policy_named
 from .report import format_report, json_safe   # format_report also here, beside compare_dumps (the notebooks)
 from .tolerances import kind_of, tolerance_for
@@ -148,8 +148,8 @@ def _after_the_mask(a, b, name, index, x, valid, layouts):
     mask_name = name.rsplit(".", 1)[0] + ".mask"
     if mask_name not in b.names(index):
         return valid
-    x = np.asarray(x)
-    if np.isfinite(x).all() and x.min() > -3e4:
+    low = min((float(np.asarray(x[i]).min()) for i in blocks(x.shape)), default=0.0)   # a block at a time
+    if low > -3e4:   # nothing masked (NaN compares False: looked at below)
         return valid
     shown = masked_scores(x, np.asarray(b.tensor(mask_name, index)) != 0, a.dtype)
     if shown is None:

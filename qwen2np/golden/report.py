@@ -110,8 +110,8 @@ def format_isolation(isolation, brief=False, comparison=None):
     roots = isolation.root_causes
     isolated = len(isolation.checks) - len(missing)
     if roots:
-        lines.append(f"ROOT CAUSES: {len(roots)} of {_count(isolated, 'operation')} {_are(roots)} wrong on "
-                     f"{'its' if len(roots) == 1 else 'their'} own inputs: "
+        lines.append(f"ROOT CAUSES: {len(roots)} of {_count(isolated, 'operation')} {_are(roots)} "
+                     f"wrong on {'its' if len(roots) == 1 else 'their'} own inputs: "
                      + ", ".join(f"{c.key} ({_figure(c)})" for c in roots[:12]) + (", …" if len(roots) > 12 else ""))
         lines += [f"  {line}" for line in _mistakes(roots)]
     if explanation is not None and explanation.probable:
@@ -119,7 +119,7 @@ def format_isolation(isolation, brief=False, comparison=None):
         lines.append(f"PROBABLE ROOT CAUSE: {key}: the first tensor out of tolerance against B, and not isolated "
                      f"({why}): isolation could not check it; record its inputs to tell")
     if not roots and (explanation is None or not explanation.probable):
-        unchecked = f"; {len(missing)} could not be isolated (not checked)" if missing else ""
+        unchecked = f"; {len(missing)} could not be isolated (not checked)" if missing and not brief else ""
         lines.append(f"ok: {_all(isolated, 'operation')} isolated "
                      f"{'agrees with its' if isolated == 1 else 'agree with their'} recomputation "
                      f"({isolation.policy.name} policy){unchecked}")
@@ -161,34 +161,32 @@ def _mistakes(roots):
 
 
 def _against_b(e, comparison):
-    failed = len([t for t in comparison.tensors if not t.ok])
-    parts = [_says(e.root_causes, "is a root cause", "are root causes")]
+    failed = [t for t in comparison.tensors if not t.ok]
+    n = len(e.root_causes)
+    parts = [f"{n} {'is a root cause' if n == 1 else 'are root causes'}"]
     if e.probable:
         parts.append(f"{len(e.probable)} a probable root cause (not isolated)")
     if e.dump_layouts:
         parts.append(f"{len(e.dump_layouts)} right but stored in another layout in the dump")
-    if e.inherited:
-        parts.append(_says(e.inherited, "inherits an error from upstream", "inherit an error from upstream"))
+    if e.inherited or e.root_causes:
+        inherit = "inherits" if len(e.inherited) == 1 else "inherit"
+        parts.append(f"{len(e.inherited)} {inherit} an error from upstream")
     if e.downstream:
-        parts.append(_says(e.downstream, "is right on its own inputs", "are right on their own inputs") +
-                     ", downstream of the probable root cause")
+        parts.append(f"{len(e.downstream)} {_are(e.downstream)} right on {_their(e.downstream)} own inputs, "
+                     f"downstream of the probable root cause")
     if e.unknown:
-        parts.append(_says(e.unknown, "could not be isolated (it may inherit, or be wrong itself)",
-                           "could not be isolated (they may inherit, or be wrong themselves)"))
+        parts.append(f"{len(e.unknown)} could not be isolated ({'it' if len(e.unknown) == 1 else 'they'} may "
+                     f"inherit, or be wrong {'itself' if len(e.unknown) == 1 else 'themselves'})")
     if e.no_upstream:
-        parts.append(_says(e.no_upstream, "has no upstream and agrees", "have no upstream and agree") +
-                     f" with the recomputation from the model ({', '.join(e.no_upstream[:3])}): B differs from the "
-                     f"model there")
+        one = len(e.no_upstream) == 1
+        parts.append(f"{len(e.no_upstream)} {'has' if one else 'have'} no upstream and {'agrees' if one else 'agree'} "
+                     f"with {_their(e.no_upstream)} recomputation from the model ({', '.join(e.no_upstream[:3])}): "
+                     f"B differs from the model there")
     if e.accumulated:
-        parts.append(_says(e.accumulated, "is right on its own inputs", "are right on their own inputs") +
-                     f" with nothing wrong upstream (e.g. {e.accumulated[0]}): an error accumulating within the limits, or B is not a reference "
-                     f"for A")
+        parts.append(f"{len(e.accumulated)} {_are(e.accumulated)} right on {_their(e.accumulated)} own inputs with "
+                     f"nothing wrong upstream (e.g. {e.accumulated[0]}): an error accumulating within the limits, or "
+                     f"B is not a reference for A")
     return f"of the {_count(failed, 'tensor')} out of tolerance against B, " + "; ".join(parts)
-
-
-def _says(things, one, many):
-    """"1 is a root cause", "2 are root causes"."""
-    return f"{len(things)} {one if len(things) == 1 else many}"
 
 
 def _figure(check):
@@ -214,6 +212,10 @@ def _all(things, noun):
 
 def _are(things):
     return "is" if len(things) == 1 else "are"
+
+
+def _their(things):
+    return "its" if len(things) == 1 else "their"
 
 
 # -- the JSON report ----------------------------------------------------------------------------------
