@@ -4,7 +4,10 @@
 fails when it cannot run, instead of skipping: a silent skip in CI would be a test that cannot fail.
 """
 
+import fcntl
+import json
 import os
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -104,25 +107,25 @@ def transformers_checkpoint_folder(oracle, gguf):
     (memory-mapped). It is made by transformers alone, so it stays an independent oracle; a stamp names
     the GGUF and the transformers version it came from.
     """
-    import json
-
     import torch
 
     folder = gguf.parent / f"transformers-{oracle.__version__}-float32"
     stamp = {"gguf": gguf.name, "size": gguf.stat().st_size, "transformers": oracle.__version__}
-    if (folder / "stamp.json").is_file() and json.loads((folder / "stamp.json").read_text()) == stamp:
-        return folder
-    model = oracle.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one and save that
-    plain = oracle.Qwen2ForCausalLM(model.config)
-    plain.load_state_dict(model.state_dict())
-    tmp = folder.with_name(folder.name + ".tmp")
-    plain.save_pretrained(tmp)
-    (tmp / "stamp.json").write_text(json.dumps(stamp))
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    # one process makes it (pytest -n runs several), the others wait for it and then find it made
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "stamp.json").is_file() and json.loads((folder / "stamp.json").read_text()) == stamp:
+            return folder
+        model = oracle.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one and save that
+        plain = oracle.Qwen2ForCausalLM(model.config)
+        plain.load_state_dict(model.state_dict())
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)   # what a killed run left
+        plain.save_pretrained(tmp)
+        (tmp / "stamp.json").write_text(json.dumps(stamp))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
     return folder
 
 
