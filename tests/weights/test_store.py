@@ -263,35 +263,3 @@ def test_a_matrix_vector_product_in_blocks_of_16_rows_equals_one_call(shape, row
     v = RNG.standard_normal(shape[1], dtype=np.float32)
     blocks = np.concatenate([w[r:r + rows] @ v for r in range(0, shape[0], rows)])
     assert np.array_equal(blocks, w @ v)
-
-
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_cgroup_limits_are_read(tmp_path, version):
-    """A container's limit, v1 or v2: limit - (usage - inactive file cache), and no limit when unlimited."""
-    from qwen2np.weights import system as budget
-
-    if version == "v2":
-        files = ("memory.max", "memory.current", "inactive_file")
-        (tmp_path / "memory.max").write_text("8000000000\n")
-        (tmp_path / "memory.current").write_text("3000000000\n")
-        (tmp_path / "memory.stat").write_text("anon 2000000000\ninactive_file 1000000000\n")
-    else:
-        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-        (tmp_path / "memory.limit_in_bytes").write_text("8000000000\n")
-        (tmp_path / "memory.usage_in_bytes").write_text("3000000000\n")
-        (tmp_path / "memory.stat").write_text("total_inactive_file 1000000000\ntotal_rss 2000000000\n")
-    assert budget._headroom(str(tmp_path), *files) == (6_000_000_000, 2_000_000_000)
-    (tmp_path / files[0]).write_text("max\n" if version == "v2" else "9223372036854771712\n")
-    assert budget._headroom(str(tmp_path), *files) is None
-
-
-def test_the_default_budget_leaves_a_quarter_of_the_machine(monkeypatch):
-    from qwen2np.weights import system as budget
-
-    monkeypatch.setattr(budget, "available_memory", lambda: 20 * 2**30)
-    monkeypatch.setattr(budget, "_meminfo", lambda key: 24 * 2**30)
-    monkeypatch.setattr(budget, "_cgroup_rooms", lambda: [])
-    assert budget.default_budget() == 14 * 2**30
-    monkeypatch.setattr(budget, "_cgroup_rooms", lambda: [(4 * 2**30, 4 * 2**30)])     # an 8 GiB container
-    monkeypatch.setattr(budget, "available_memory", lambda: 4 * 2**30)
-    assert budget.default_budget() == 2 * 2**30
