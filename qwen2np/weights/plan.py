@@ -87,9 +87,11 @@ def activation_bytes(config, dtype, tokens, batch=1, cache_positions=0, logits=N
     tests/weights/test_forward_memory.py; the 0.5B checkpoint up to 32k positions: docs/weights.md).
 
     * kept all along: the KV cache of S = cache_positions + tokens positions (sliding layers keep at most
-      W - 1 + tokens), the RoPE tables, the [T, S] mask when attention is computed whole, and the hidden
-      states or attention probabilities of every layer when asked for (`output_hidden_states`,
-      `output_attentions`);
+      W - 1 + tokens; a prefill's cache twice over: model/cache.py makes its buffers with as much room
+      again to grow into, and with freed memory kept (the command line) that room lands on pages the
+      heap has touched already, measured), the RoPE tables, the [T, S] mask when attention is computed
+      whole, and the hidden states or attention probabilities of every layer when asked for
+      (`output_hidden_states`, `output_attentions`);
     * a layer's attention half: its input and normalised copy, q/k/v, RoPE's three temporaries, the
       context and its copy in [T, D] order. subtle: glibc's malloc serves these (each under its 32 MB
       mmap threshold at most prompt lengths) from its heap, and the heap keeps the space they took: the
@@ -121,7 +123,8 @@ def activation_bytes(config, dtype, tokens, batch=1, cache_positions=0, logits=N
         rows = min(rows, BLOCK_ROWS)
     whole = output_attentions or bool(whole_scores) or T <= rows
     scores = B * H * T * S if whole else B * H * min(T, rows) * S
-    kept = (2 * sum(keys) * B * KV * HD                          # the KV cache
+    room = 2 if cache_positions == 0 else 1                       # a prefill makes the cache's buffers
+    kept = (2 * room * sum(keys) * B * KV * HD                   # the KV cache
             + 2 * N * HD                                          # cos, sin
             + (B * T * S * len(set(kinds)) if whole else 0)       # the mask, made whole once per layer type
             + (L + 1) * N * D * output_hidden_states
