@@ -10,7 +10,9 @@ forward call gives them) and one decode step through the KV cache after it (the 
 timing, one forward pass touches every weight, so that pages the system dropped from its cache are read
 back first. Sides: `transformers-bf16` (5.24, default sdpa attention), `qwen2np-float32`,
 `qwen2np-bfloat16`, `qwen2np-float64`; `--max-memory` passes a budget to the qwen2np sides (default:
-what the machine has available). Prints one JSON object per run and a summary with the ratios.
+what the machine has available). Prints one JSON object per run and a summary with the ratios; in a
+memory cgroup, each run also reports the cgroup's usage and file cache before and after it, and the
+default budget it found (docs/weights.md, "In a container, run after run").
 
 The machine is shared and its timings move by ±10 %: quote every run, not the best one.
 """
@@ -26,6 +28,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))   # this checkout's qwen2np
+
 SIDES = ("transformers-bf16", "qwen2np-float32", "qwen2np-bfloat16", "qwen2np-float64")
 PREFILL = 64
 
@@ -33,6 +37,7 @@ PREFILL = 64
 def worker(side, model_path, steps, max_memory):
     """Run one side in this process and print its figures as JSON."""
     ids = np.random.default_rng(0).integers(0, 150_000, (1, PREFILL + steps + 1))
+    cgroup_before = cgroup_state()         # in a container: what earlier runs left charged to it
     t0 = time.perf_counter()
     if side.startswith("transformers"):
         import torch
@@ -43,17 +48,18 @@ def worker(side, model_path, steps, max_memory):
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
         torch.set_grad_enabled(False)
         load = time.perf_counter() - t0
-        plan = "bf16 as stored"
+        plan, budget = "bf16 as stored", None
 
         def forward(x, cache=None):
             out = model(torch.from_numpy(x), past_key_values=cache, use_cache=True)
             return out.past_key_values
     else:
         import qwen2np
-        from qwen2np.weights.system import apply_environment
+        from qwen2np.weights.system import apply_environment, default_budget
 
         apply_environment(default=True)   # as the command line does: keep freed memory (qwen2np/weights/system.py)
         dtype = side.split("-", 1)[1]
+        budget = default_budget() if max_memory is None else max_memory   # before loading: what the run found
         model = qwen2np.Qwen2ForCausalLM.from_pretrained(model_path, dtype=dtype, max_memory=max_memory)
         load = time.perf_counter() - t0
         plan = model.weight_plan.description
@@ -72,7 +78,37 @@ def worker(side, model_path, steps, max_memory):
         times.append(time.perf_counter() - t0)
     peak = peak_rss()
     print(json.dumps({"side": side, "load_s": load, "prefill_s": prefill, "decode_s": statistics.median(times),
-                      "decode_all_s": times, "peak_rss_bytes": peak, "weights": plan}))
+                      "decode_all_s": times, "peak_rss_bytes": peak, "weights": plan, "budget": budget,
+                      "cgroup_before": cgroup_before, "cgroup_after": cgroup_state()}))
+
+
+def cgroup_state():
+    """The memory cgroup this process runs in, when it has a limit (v1 or v2): its limit, its usage and the
+    file cache charged to it (active and inactive), in bytes; None outside one."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            folder, files, prefix = f"/sys/fs/cgroup/memory{path}", ("memory.limit_in_bytes",
+                                                                      "memory.usage_in_bytes"), "total_"
+        elif controllers == "":
+            folder, files, prefix = f"/sys/fs/cgroup{path}", ("memory.max", "memory.current"), ""
+        else:
+            continue
+        try:
+            limit, usage = (open(f"{folder}/{name}").read().strip() for name in files)
+            stat = dict(line.split() for line in open(f"{folder}/memory.stat"))
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= 2**60:
+            continue
+        return {"limit": int(limit), "usage": int(usage), "active_file": int(stat.get(prefix + "active_file", 0)),
+                "inactive_file": int(stat.get(prefix + "inactive_file", 0))}
+    return None
 
 
 def peak_rss():

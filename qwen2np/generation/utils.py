@@ -174,6 +174,7 @@ class GenerationMixin:
         step = 0
         while True:
             logits = np.asarray(to_numpy(out.logits[:, -1, :]), dtype=np.float32)  # [B, V]
+            check_finite(logits, unfinished, step, getattr(self, "dtype", None))   # never a token drawn from NaN
             scores = processors(ids, logits)
             if gc.do_sample:
                 next_tokens = sampling.sample_tokens(scores, seed, step)  # [B]
@@ -204,6 +205,32 @@ class GenerationMixin:
         if streamer is not None:
             streamer.end()
         return ids
+
+
+def check_finite(logits, rows, step, dtype=None):
+    """Refuse to pick a token from logits [B, V] that are NaN or infinite in one of the `rows` [B] still
+    generating: argmax of NaN is token 0 and a draw from it is noise, so a broken forward pass (a float16
+    overflow, a NaN weight) would otherwise come out as plausible-looking text. `dtype` is the model's.
+
+    >>> check_finite(np.array([[0.0, 1.0], [np.nan, 0.0]], np.float32), np.array([True, True]), 3, np.float16)
+    Traceback (most recent call last):
+    ...
+    qwen2np.errors.GenerationError: the model's logits are not finite in row 1 at step 3 (the 4th new token): 1 NaN and 0 infinite of 2 values; refusing to pick a token from them (in float16 a value beyond 65504 overflows: try dtype="bfloat16" or "float32")
+    """
+    bad = ~np.isfinite(logits).all(axis=-1) & rows
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        values = logits[row]
+        raise GenerationError(
+            f"the model's logits are not finite in row {row} at step {step} (the {_ordinal(step + 1)} new token): "
+            f"{int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} infinite of {values.size} "
+            f"values; refusing to pick a token from them" + (
+                ' (in float16 a value beyond 65504 overflows: try dtype="bfloat16" or "float32")'
+                if dtype is not None and np.dtype(dtype) == np.float16 else ""))
+
+
+def _ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 # -- checks of the arguments --------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 """
 
 import fnmatch
+import inspect
 from contextlib import nullcontext
 
 import numpy as np
@@ -64,11 +65,9 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     writer = None if out is None else DumpWriter(out, overwrite=overwrite)
     now = {"pass": 0}
 
-    def sink(name, x):               # each recorded tensor as it is produced
+    def sink(name, x):               # each recorded tensor as it is produced (the kept positions only)
         index = now["pass"]
         array = to_numpy(x)
-        if index == 0 and kept is not None:
-            array = take_positions(name, array, kept)
         key = tensor_key(name, index)
         manifest["passes"][index]["tensors"].append(
             {"name": name, "key": key, "shape": list(array.shape), "dtype": array.dtype.name})
@@ -77,13 +76,19 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
         else:
             tensors[key] = np.array(array)   # a copy: the forward pass may reuse the buffer
 
-    with writer if writer is not None else nullcontext(), Trace(model, *include, sink=sink):
+    trace = Trace(model, *include, sink=sink)
+    # with kept positions, a causal LM makes the logits of those positions only (all of a 32k-token
+    # prompt's would take 19 GB), and the trace records them only (and the attention maps of those rows only)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.__call__).parameters
+    with writer if writer is not None else nullcontext(), trace:
         cache = None
         for index, (start, length) in enumerate(plan):
             now["pass"] = index
+            trace.positions = kept if index == 0 else None
             end = start + length
+            extra = {"logits_to_keep": kept} if index == 0 and kept is not None and keeps_logits else {}
             result = model(ids[:, start:end], attention_mask=None if mask is None else mask[:, :end],
-                           past_key_values=cache, use_cache=len(plan) > 1)
+                           past_key_values=cache, use_cache=len(plan) > 1, **extra)
             cache = result.past_key_values
         if writer is not None:
             writer.finish(manifest)
@@ -197,7 +202,8 @@ def select_positions(positions, num_positions, prefill):
 
 
 def take_positions(name, array, kept):
-    """`array` with only the `kept` positions along its T axis (unchanged if it has none)."""
+    """`array` with only the `kept` positions along its T axis (unchanged if it has none). (qwen2np's own
+    dumps keep them while tracing: `Trace.positions`; scripts/dump_transformers.py keeps them so.)"""
     t_axis, _ = position_axes(name, array.ndim)
     if t_axis is None or array.shape[t_axis] == 1 and len(kept) > 1:   # RoPE tables of a decode step, etc.
         return array

@@ -27,9 +27,11 @@ import contextvars
 import fnmatch
 import functools
 
+import numpy as np
+
 from ..errors import IntermediateNameError, TraceError
 from ..weights.backend import array_module
-from .names import gradient_names
+from .names import gradient_names, position_axes
 
 # subtle: context variables, not module globals, so that a trace entered in one thread (or asyncio task)
 # is invisible to forward passes running in another (docs/inspection.md, "Scope")
@@ -37,9 +39,11 @@ _active = contextvars.ContextVar("qwen2np_traces", default=())     # traces ente
 _running = contextvars.ContextVar("qwen2np_running", default=())   # models whose forward pass is running
 
 
-def tap(scope, name, x):
+def tap(scope, name, x, rows=None):
     """Pass the intermediate `scope.name` (or `scope` when name is None) through the traces listening to
-    the running model in this context.
+    the running model in this context. `rows` says which query rows of the forward pass `x` holds along
+    its position axis when that is not all of them (the kept logits, the attention probabilities of the
+    rows a trace keeps: `recorded_rows`).
 
     Free when no trace is active: the name is only joined when someone listens.
     """
@@ -49,8 +53,39 @@ def tap(scope, name, x):
     full_name = None
     for t in _listening(traces):
         full_name = full_name or (scope if name is None else f"{scope}.{name}" if scope else name)
-        x = t._visit(full_name, x)
+        x = t._visit(full_name, x, rows)
     return x
+
+
+def recorded_rows(scope, names, num_rows):
+    """Which query rows of the intermediates `scope.<names>` the traces listening now need: None when
+    none records or edits any of them; all `num_rows` (a range) when one needs them whole (an edit, or a
+    trace that keeps every position); else the sorted rows the traces keep (`Trace.positions`).
+
+    For intermediates too big to make whole for a long prompt (the [B, H, T, S] attention probabilities):
+    the forward pass makes only these rows for the trace (qwen2np/model/attention.py).
+
+    >>> recorded_rows("demo", ["probs"], 8) is None
+    True
+    >>> with Trace(None, "demo.probs", positions=[5, 7, 9]):
+    ...     recorded_rows("demo", ["probs"], 8)
+    [5, 7]
+    """
+    traces = _active.get()
+    if not traces:
+        return None
+    full = [f"{scope}.{n}" if scope else n for n in names]
+    wanted = set()
+    listening = False
+    for t in _listening(traces):
+        edits = any(fnmatch.fnmatchcase(f, p) for f in full for p in t.edits)
+        records = any(fnmatch.fnmatchcase(f, p) for f in full for p in t.patterns)
+        if edits or (records and t.positions is None):
+            return range(num_rows)
+        if records:
+            listening = True
+            wanted.update(r for r in t.positions if r < num_rows)
+    return sorted(wanted) if listening else None
 
 
 def listens(scope, name):
@@ -148,11 +183,18 @@ class Trace:
     forward pass; `t.history(name)` gives one per forward pass (prefill, then each decode step).
     With `sink`, each matched tensor is handed to `sink(name, x)` as it is produced (to be written out
     before the forward pass goes on) and the trace keeps nothing.
+
+    `positions` (query rows of a forward pass: indices >= 0 into its T new positions; None keeps all)
+    records only those rows along each tensor's position axis (docs/intermediates.md), and lets the
+    forward pass make the [B, H, T, S] attention scores, mask and probabilities for those rows only, so
+    that a trace of a long prompt costs what its kept positions cost (qwen2np/model/attention.py). It may
+    be changed between forward passes (`qwen2np dump --positions` keeps rows of the prefill only).
     """
 
-    def __init__(self, model, *patterns, edits=None, pass_name=False, sink=None):
+    def __init__(self, model, *patterns, edits=None, pass_name=False, sink=None, positions=None):
         self.model = model
         self.sink = sink       # when given, sink(name, x) takes each matched tensor and nothing is kept
+        self.positions = positions
         self.patterns = list(patterns)
         self.edits = dict(edits or {})
         self.pass_name = pass_name
@@ -181,7 +223,21 @@ class Trace:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns) or \
             any(fnmatch.fnmatchcase(name, p) for p in self.edits)
 
-    def _visit(self, name, x):
+    @property
+    def positions(self):
+        return self._positions
+
+    @positions.setter
+    def positions(self, positions):
+        if positions is not None:
+            rows = list(positions)
+            if not rows or not all(isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_))
+                                   and p >= 0 for p in rows):
+                raise TraceError(f"positions: expected query rows >= 0 of a forward pass, found {positions!r}")
+            positions = sorted({int(p) for p in rows})
+        self._positions = positions
+
+    def _visit(self, name, x, rows=None):
         for pattern, edit in self.edits.items():
             if fnmatch.fnmatchcase(name, pattern):
                 new = edit if not callable(edit) else edit(x, name) if self.pass_name else edit(x)
@@ -189,11 +245,25 @@ class Trace:
                 # (scores become probs, act is multiplied by up_proj): the caller's array stays as given
                 x = x if new is x else _checked(name, x, new).copy()
         if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
+            kept = self._kept_rows(name, x, rows)
             if self.sink is not None:       # streamed out at once (a dump written as it runs): nothing kept
-                self.sink(name, x)
+                self.sink(name, kept)
             else:   # a copy: the forward pass may reuse the buffer of `x` in place afterwards
-                self.records.setdefault(name, []).append(x.copy())
+                self.records.setdefault(name, []).append(kept.copy() if kept is x else kept)
         return x
+
+    def _kept_rows(self, name, x, rows):
+        """`x` with only the rows of `self.positions` along its position axis (`x` itself when it keeps all,
+        or has no position axis); `rows` are the query rows `x` holds, None for all of them."""
+        axis = position_axes(name, x.ndim)[0]
+        if self.positions is None or axis is None:
+            return x
+        held = range(x.shape[axis]) if rows is None else list(rows)
+        where = {r: i for i, r in enumerate(held)}
+        take = [where[p] for p in self.positions if p in where]
+        if len(take) == x.shape[axis]:
+            return x
+        return array_module(x).take(x, array_module(x).asarray(take, dtype=np.int64), axis=axis)
 
     def __getitem__(self, name):
         if name not in self.records:
@@ -233,7 +303,7 @@ def _checked(name, x, new):
     return new
 
 
-def trace(model, *patterns, edits=None, pass_name=False):
+def trace(model, *patterns, edits=None, pass_name=False, positions=None):
     """Record the intermediates of `model` whose names match the glob `patterns` (all when none given
     and no edits), applying `edits` on the way. Use as ``with trace(model, "model.layers.3.*") as t:``.
 
@@ -253,14 +323,13 @@ def trace(model, *patterns, edits=None, pass_name=False):
     """
     if not patterns and not edits:
         patterns = ("*",)
-    return Trace(model, *patterns, edits=edits, pass_name=pass_name)
+    return Trace(model, *patterns, edits=edits, pass_name=pass_name, positions=positions)
 
 
 # -- interventions ----------------------------------------------------------------------------------
 
 
 def active():
-    """True while a trace records or edits the running model in this context: the forward pass then keeps
-    every intermediate whole."""
+    """True while a trace records or edits the running model in this context."""
     traces = _active.get()
     return bool(traces) and bool(_listening(traces))

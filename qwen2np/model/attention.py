@@ -4,26 +4,28 @@ Shapes: B batch, T new positions, S key positions (past + new), D hidden size, H
 KV key/value heads, G = H // KV query heads per KV head, HD head dim.
 
 In reading order: `self_attention` (projections, RoPE, the cache, o_proj), `grouped_query_attention`
-(softmax(q kᵀ · scaling + bias) v), and beside them what only some calls need: `attend_in_blocks` for
-long prompts, `head_outputs` for a trace that asks for each head's share of o_proj.
+(whole or in blocks), `attend` (softmax(q kᵀ · scaling + bias) v), and beside them what only some calls
+need: `attend_in_blocks` for long prompts, `head_outputs` for a trace that asks for each head's share of
+o_proj.
 """
 
 import math
 
 import numpy as np
 
-from ..inspection.tracing import active as tracing_active
-from ..inspection.tracing import listens, tap
+from ..inspection.tracing import listens, recorded_rows, tap
 from ..weights.backend import array_module
-from ..weights.plan import SCORES_BUDGET_BYTES
+from ..weights.plan import BLOCK_ROWS, SCORES_BUDGET_BYTES
 from .layers import accumulation_dtype, linear, softmax
+from .masks import AttentionMask
 from .rope import apply_rope
 
-# Outside a trace, and when nobody asked for the [B, H, T, S] probabilities, a long forward pass is
-# attended over in blocks of query rows: so that a 32k-token prompt does not need 57 GB of scores at once
-# (SCORES_BUDGET_BYTES, set by the memory plan), and, when the mask is purely causal, so that each block
-# reads only the keys it may see, skipping the hidden triangle (BLOCK_ROWS rows at a time).
-BLOCK_ROWS = 64
+# When nobody asked for the [B, H, T, S] probabilities, a long forward pass is attended over in blocks of
+# query rows: so that a 32k-token prompt does not need 57 GB of scores at once (SCORES_BUDGET_BYTES, set
+# by the memory plan), and, when the mask is purely causal, so that each block reads only the keys it may
+# see, skipping the hidden triangle (BLOCK_ROWS rows at a time). A trace that keeps some positions gets
+# those rows' scores, mask and probabilities (ATTENTION_MAPS), and the blocks go on for the rest.
+ATTENTION_MAPS = ("scores", "mask", "probs")
 
 
 def self_attention(x, w, cos, sin, mask, cache_layer, config, scope=None, need_probs=True):
@@ -32,7 +34,7 @@ def self_attention(x, w, cos, sin, mask, cache_layer, config, scope=None, need_p
 
     `w` maps the checkpoint's names under `…self_attn.` (q_proj.weight, q_proj.bias, …) to arrays;
     cos, sin [B or 1, T, HD] are the rotation tables; `mask` is a masks.AttentionMask (the additive bias
-    [B, 1, T, S], and its causal span if any); `cache_layer` (a cache.CacheLayer, or None) keeps the
+    [B, 1, T, S], made whole or a block at a time); `cache_layer` (a cache.CacheLayer, or None) keeps the
     rotated keys and the values of past positions.
     """
     B, T, _ = x.shape
@@ -48,7 +50,7 @@ def self_attention(x, w, cos, sin, mask, cache_layer, config, scope=None, need_p
     k = tap(scope, "k_rope", apply_rope(k, cos, sin))     # [B, KV, T, HD]
     if cache_layer is not None:  # the cache stores keys after RoPE
         k, v = cache_layer.update(k, v)                   # -> [B, KV, S, HD]
-    context, probs = grouped_query_attention(q, k, v, mask.bias, HD ** -0.5, scope, need_probs, mask.span)
+    context, probs = grouped_query_attention(q, k, v, mask, HD ** -0.5, scope, need_probs)
     context = context.transpose(0, 2, 1, 3).reshape(B, T, H * HD)   # [B, H, T, HD] -> [B, T, H*HD]
     context = tap(scope, "context", context)
     out = linear(context, w["o_proj.weight"])                        # [B, T, H*HD] -> [B, T, D]
@@ -57,12 +59,15 @@ def self_attention(x, w, cos, sin, mask, cache_layer, config, scope=None, need_p
     return tap(scope, "o_proj", out), probs                          # [B, T, D]
 
 
-def grouped_query_attention(q, k, v, bias, scaling, scope=None, need_probs=True, span=None):
-    """softmax(q kᵀ · scaling + bias) v, each KV head serving G consecutive query heads.
+def grouped_query_attention(q, k, v, mask, scaling, scope=None, need_probs=True):
+    """softmax(q kᵀ · scaling + mask) v, each KV head serving G consecutive query heads.
 
-    q [B, H, T, HD], k and v [B, KV, S, HD], bias [B, 1, T, S] -> context [B, H, T, HD], probs [B, H, T, S]
-    (None when a long pass went in blocks: `attend_in_blocks`). `span` (a masks.CausalSpan, or None) says
-    the mask is causal with no padding, so that blocks of rows can skip the keys they may not see.
+    q [B, H, T, HD], k and v [B, KV, S, HD], `mask` a masks.AttentionMask (or the additive bias
+    [B, 1, T, S] itself) -> context [B, H, T, HD], probs [B, H, T, S].
+
+    A long pass whose probabilities nobody asked for (`need_probs`, or a trace that needs them whole)
+    goes in blocks of query rows (`attend_in_blocks`) and returns None for them; the rows a trace keeps
+    (`Trace.positions`) are then computed again over every key, traced, and their context kept.
 
     >>> import numpy as np
     >>> q = np.ones((1, 2, 1, 2), dtype=np.float32); k = np.zeros((1, 1, 3, 2), dtype=np.float32)
@@ -71,9 +76,28 @@ def grouped_query_attention(q, k, v, bias, scaling, scope=None, need_probs=True,
     >>> context[0, :, 0].tolist()    # equal scores: both heads average the 3 values of the one KV head
     [[2.0, 3.0], [2.0, 3.0]]
     """
-    rows = rows_per_block(q, k, span)
-    if q.shape[2] > rows and not need_probs and not tracing_active():
-        return attend_in_blocks(q, k, v, bias, scaling, rows, span), None
+    if not isinstance(mask, AttentionMask):
+        mask = AttentionMask.given(mask)
+    T, S = q.shape[2], k.shape[2]
+    rows = rows_per_block(q, k, mask.span)
+    traced = recorded_rows(scope, ATTENTION_MAPS, T)      # None, every row, or the rows a trace keeps
+    if need_probs or T <= rows or (traced is not None and len(traced) == T):
+        return attend(q, k, v, mask.bias, hidden_rows(mask, q), scaling, scope)
+    context = attend_in_blocks(q, k, v, mask, scaling, rows)
+    if traced:
+        # subtle: the kept rows once more, over all S keys, as a pass made whole computes them; their
+        # context replaces the blocks' (equal but for float rounding), so the trace holds what the pass used
+        kept = np.asarray(traced)
+        context[:, :, kept] = attend(q[:, :, kept], k, v, mask.block(kept, 0, S), hidden_rows(mask, q, kept),
+                                     scaling, scope, rows=traced)[0]
+    return context, None
+
+
+def attend(q, k, v, bias, hidden, scaling, scope=None, rows=None):
+    """softmax(q kᵀ · scaling + bias) v, whole: q [B, H, n, HD], k and v [B, KV, S, HD], bias [B, 1, n, S]
+    -> context [B, H, n, HD], probs [B, H, n, S]. `hidden` [B, n] (or None) marks rows that see no key.
+    The scores, mask and probabilities are traced under `scope` (none for a block of a long pass), `rows`
+    saying which query rows of the pass q holds (None: all)."""
     B, H, T, HD = q.shape
     KV, S = k.shape[1], k.shape[2]
     G = H // KV
@@ -91,16 +115,45 @@ def grouped_query_attention(q, k, v, bias, scaling, scope=None, need_probs=True,
             scores = (scores.astype(np.float32) * np.float32(scaling)).astype(q.dtype)
         else:
             scores *= scaling                                     # after the product, as transformers
-    scores = tap(scope, "scores", scores.reshape(B, H, T, S))     # -> [B, H, T, S]
-    bias = tap(scope, "mask", bias)                               # [B, 1, T, S]: 0 or finfo.min
-    scores += bias                                                # in place: this buffer becomes probs
-    if scores.dtype.itemsize < 4:   # softmax in float32, rounded once (transformers' softmax(dtype=float32))
-        probs = softmax(scores.astype(np.float32)).astype(q.dtype)
+    scores = scores.reshape(B, H, T, S)                           # -> [B, H, T, S]
+    if scope is not None:                                         # not a block of a long pass: traced
+        scores = tap(scope, "scores", scores, rows)
+        bias = tap(scope, "mask", bias, rows)                     # [B, 1, T, S]: 0 or finfo.min
+    if scores.dtype.itemsize < 4:
+        # softmax in float32, rounded once (transformers' softmax(dtype=float32)). subtle: the mask is
+        # added in float32 too, as torch's sdpa kernel adds it: eager's float16 sum overflows (a score
+        # below -16 plus finfo.min is -inf) and turns a row that sees no key into NaN, which then reaches
+        # every real position through the padding's keys. Where eager's sum is finite, this is its result.
+        probs = scores.astype(np.float32)
+        probs += bias
+        probs = softmax(probs, out=probs)
+        if hidden is not None and hidden.any():
+            # subtle: float16 gives what transformers' default attention (sdpa) gives a row that sees no
+            # key: zeros (docs/masks.md); bfloat16, like float32, keeps eager's uniform row
+            probs.transpose(0, 2, 1, 3)[array_module(q).asarray(hidden)] = 0      # [B, T, H, S][hidden] = 0
+        probs = probs.astype(q.dtype)
     else:
+        scores += bias                                            # in place: this buffer becomes probs
         probs = softmax(scores, out=scores)
-    probs = tap(scope, "probs", probs)                            # [B, H, T, S]
+    if scope is not None:
+        probs = tap(scope, "probs", probs, rows)                  # [B, H, T, S]
     context = _product(probs.reshape(B, KV, G * T, S), v)         # -> [B, KV, G*T, HD]
     return context.reshape(B, H, T, HD), probs
+
+
+def hidden_rows(mask, q, rows=slice(None)):
+    """The query rows that see no key [B, n], where it matters: in float16 (see `attend`); else None."""
+    return mask.hidden_rows(rows) if q.dtype == np.float16 else None
+
+
+def maps_traced_whole(scopes, num_rows):
+    """Whether a trace needs the attention maps of one of the layers `scopes` (`…layers.3.self_attn`) whole,
+    for a pass of `num_rows` query rows: attention is then computed whole (the memory check counts it)."""
+    for scope in scopes:
+        rows = recorded_rows(scope, ATTENTION_MAPS, num_rows)
+        if rows is not None and len(rows) == num_rows:
+            return True
+    return False
 
 
 def rows_per_block(q, k, span=None):
@@ -112,19 +165,21 @@ def rows_per_block(q, k, span=None):
     return min(rows, BLOCK_ROWS) if span is not None else rows
 
 
-def attend_in_blocks(q, k, v, bias, scaling, rows, span=None):
+def attend_in_blocks(q, k, v, mask, scaling, rows):
     """grouped_query_attention's context, `rows` query rows at a time: q [B, H, T, HD] -> [B, H, T, HD].
 
-    Each block attends over the keys its rows may see (`span.keys`; all S without a span). Blocks change
-    no row's result beyond float rounding: a hidden key's probability is exactly 0 either way.
+    Each block attends over the keys its rows may see (`mask.span.keys`; all S without a span), with the
+    block of the mask it needs (made for the block: the whole [T, S] mask is never made). Blocks change no
+    row's result beyond float rounding: a hidden key's probability is exactly 0 either way.
     """
     T, S = q.shape[2], k.shape[2]
     context = array_module(q).empty_like(q)                       # [B, H, T, HD]
     for r0 in range(0, T, rows):
         r1 = min(T, r0 + rows)
-        k0, k1 = span.keys(r0, r1) if span is not None else (0, S)
-        context[:, :, r0:r1] = grouped_query_attention(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1],
-                                                       bias[:, :, r0:r1, k0:k1], scaling)[0]
+        k0, k1 = mask.span.keys(r0, r1) if mask.span is not None else (0, S)
+        block = slice(r0, r1)
+        context[:, :, r0:r1] = attend(q[:, :, block], k[:, :, k0:k1], v[:, :, k0:k1], mask.block(block, k0, k1),
+                                      hidden_rows(mask, q, block), scaling)[0]
     return context
 
 

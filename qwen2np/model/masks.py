@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import ModelInputError
+from ..weights.backend import array_module
 
 
 def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
@@ -90,7 +91,8 @@ def build_attention_bias(batch, q_start, q_len, kv_start, kv_len, attention_mask
 
 def layer_masks(config, attention_mask, position_ids, cache, batch, q_len, dtype, xp=np):
     """layer type -> AttentionMask for one forward pass of q_len new positions: the additive bias
-    [B, 1, T, S], and its causal span when no key is padding (then attention may skip the hidden triangle).
+    [B, 1, T, S], made whole or a block at a time when attention asks for it, and its causal span when no
+    key is padding (then attention may skip the hidden triangle).
 
     attention_mask is None, a padding mask [B, past + T] or a custom additive mask [B or 1, 1, T, S] (used
     as given); position_ids the caller's positions [B or 1, T], None when the caller gave none; `cache`
@@ -114,7 +116,7 @@ def layer_masks(config, attention_mask, position_ids, cache, batch, q_len, dtype
             raise ModelInputError(f"attention_mask: a 4D mask must have shape [B, 1, T, S] = ({B}, 1, {T}, {S}), "
                                   f"found {attention_mask.shape}")
         bias = xp.asarray(attention_mask).astype(dtype, copy=False)
-        return {kind: AttentionMask(bias) for kind in kinds}
+        return {kind: AttentionMask.given(bias) for kind in kinds}
     # subtle: packed sequences (positions restart inside a row) are only detected without a mask or a
     # cache, as in transformers (docs/masks.md)
     packed = None
@@ -127,22 +129,85 @@ def layer_masks(config, attention_mask, position_ids, cache, batch, q_len, dtype
             kv_len, kv_start = cache.get_mask_sizes(T, config.layer_types.index(kind))
         else:
             kv_len, kv_start = T, 0
-        bias = build_attention_bias(
-            B, past, T, kv_start, kv_len, attention_mask,
-            None if packed is None else np.broadcast_to(position_ids, (B, T)),
-            window, dtype, packed, xp,
-        )
-        no_padding = packed is None and (attention_mask is None or attention_mask.all())
-        masks[kind] = AttentionMask(bias, CausalSpan(past, kv_start, window) if no_padding else None)
+        if packed is not None:
+            visible = packed_visibility(np.broadcast_to(position_ids, (B, T)), packed, window)[:, None]
+            masks[kind] = AttentionMask.given(attention_bias(visible, np.dtype(dtype), xp))   # [B, 1, T, T]
+            continue
+        keep = None
+        if attention_mask is not None and not attention_mask.all():
+            keep = attention_mask[:, kv_start:kv_start + kv_len].astype(bool)           # [B, S]
+        span = CausalSpan(past, kv_start, window) if keep is None else None
+        masks[kind] = AttentionMask(B, T, kv_len, np.dtype(dtype), xp, past, kv_start, window, keep, span)
     return masks
 
 
-@dataclass(frozen=True)
 class AttentionMask:
-    """One layer type's mask for a forward pass: the additive bias, and its CausalSpan (None with padding)."""
+    """One layer type's mask for one forward pass: causal (maybe sliding), with padding (`keep`), made on
+    demand. `bias` is the whole additive mask [B, 1, T, S], made once; `block(rows, k0, k1)` only the
+    query rows `rows` (a slice or row indices) and key columns [k0, k1), so that a long prompt attended
+    over in blocks never holds its [T, S] mask (4.3 GB at 32k positions in float32). `span` is the
+    CausalSpan when no key is padding (attention may then skip the hidden keys), else None.
 
-    bias: object           # [B, 1, T, S]
-    span: "CausalSpan | None" = None
+    `AttentionMask.given(bias)` wraps a mask made whole (a caller's 4D mask, a packed batch's).
+    """
+
+    def __init__(self, batch, q_len, kv_len, dtype, xp=np, q_start=0, kv_start=0, window=None, keep=None,
+                 span=None, bias=None):
+        self.shape = (batch, 1, q_len, kv_len)                  # [B, 1, T, S]
+        self.dtype, self.xp = np.dtype(dtype), xp
+        self.q_start, self.kv_start, self.window = q_start, kv_start, window
+        self.keep = keep                                        # [B, S] bool: keys that are not padding, or None
+        self.span = span
+        self._bias = bias
+        self._seen = None                                       # the running count of kept keys, once made
+
+    @classmethod
+    def given(cls, bias):
+        B, _, T, S = bias.shape
+        return cls(B, T, S, bias.dtype, array_module(bias), bias=bias)
+
+    @property
+    def bias(self):
+        """The whole additive mask [B, 1, T, S]: 0 where a query sees a key, finfo(dtype).min elsewhere."""
+        if self._bias is None:
+            self._bias = self.block(slice(None), 0, self.shape[3])
+        return self._bias
+
+    def block(self, rows, k0, k1):
+        """The additive mask of query rows `rows` (a slice, or an array of row indices) and key columns
+        [k0, k1): [B, 1, len(rows), k1 - k0] ([1, …] for a caller's mask of one row)."""
+        if self._bias is not None:
+            return self._bias[:, :, rows, k0:k1]
+        q = np.arange(self.shape[2], dtype=np.int64)[rows] + self.q_start        # [n] sequence indices
+        k = np.arange(self.kv_start + k0, self.kv_start + k1, dtype=np.int64)    # [m]
+        visible = k[None, :] <= q[:, None]                                       # [n, m]
+        if self.window is not None:
+            visible &= k[None, :] > q[:, None] - self.window
+        visible = visible[None, None]                                            # [1, 1, n, m]
+        if self.keep is not None:
+            visible = visible & self.keep[:, None, None, k0:k1]                  # -> [B, 1, n, m]
+        visible = np.broadcast_to(visible, (self.shape[0], 1) + visible.shape[2:])   # -> [B, 1, n, m]
+        return attention_bias(visible, self.dtype, self.xp)
+
+    def hidden_rows(self, rows=slice(None)):
+        """[B, n] bool: which of the query rows `rows` see no key at all (left padding), or None when every
+        row sees one (no padding, a packed batch, a caller's mask).
+
+        subtle: with sdpa, transformers' default attention, such a row attends to nothing and its output is
+        zero (torch's kernels, given transformers' boolean mask); eager adds finfo.min everywhere, which in
+        float16 overflows to -inf and gives NaN (docs/masks.md).
+        """
+        if self.keep is None:
+            return None
+        q = np.arange(self.shape[2], dtype=np.int64)[rows] + self.q_start - self.kv_start   # [n] in key columns
+        # the keys row q may see are columns [lo, q]; count the kept ones with a running sum [B, S + 1]
+        if self._seen is None:
+            self._seen = np.concatenate([np.zeros((self.keep.shape[0], 1), np.int64),
+                                         np.cumsum(self.keep, axis=1)], axis=1)
+        seen = self._seen
+        hi = np.clip(q + 1, 0, self.shape[3])
+        lo = np.zeros_like(hi) if self.window is None else np.clip(q - self.window + 1, 0, self.shape[3])
+        return (seen[:, hi] - seen[:, lo]) == 0                                    # [B, n]
 
 
 @dataclass(frozen=True)

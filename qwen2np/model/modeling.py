@@ -35,7 +35,7 @@ from ..inspection.names import intermediate_names
 from ..inspection.tracing import tap
 from ..weights.backend import to_numpy
 from ..weights.parameters import base_parameter_shapes, random_parameters
-from .attention import self_attention
+from .attention import maps_traced_whole, self_attention
 from .inputs import as_labels, as_logits_to_keep, batch_and_length, forward_arguments, one_of
 from .layers import ACT2FN, linear, rms_norm, swiglu_mlp
 from .losses import (causal_lm_loss, check_sequence_labels, sequence_classification_loss,
@@ -105,12 +105,14 @@ class Qwen2Model(Qwen2PreTrainedModel):
     @model_forward
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                 return_dict=None, cache=None):
-        """input_ids [B, T] (or inputs_embeds [B, T, D]) -> the final hidden states [B, T, D], and the cache."""
+                 return_dict=None, cache=None, *, head_rows=0):
+        """input_ids [B, T] (or inputs_embeds [B, T, D]) -> the final hidden states [B, T, D], and the cache.
+        (`head_rows`: for a head, the rows of logits it makes after this pass, counted in the memory check.)"""
         config, scope = self.config, self.scope
         args = forward_arguments(config, self.dtype, self.xp, input_ids, inputs_embeds, attention_mask, position_ids,
                                  past_key_values, cache, use_cache, output_attentions, output_hidden_states)
-        self.check_can_run(args.cache, args.batch, args.length)   # files unchanged, the cache fits, memory suffices
+        whole = maps_traced_whole([f"{s}.self_attn" for _, s, _ in self.layers], args.length)
+        self.check_can_run(args, head_rows, whole)   # files unchanged, the cache fits, memory suffices
         masks = layer_masks(config, args.attention_mask, args.position_ids, args.cache, args.batch, args.length,
                             self.dtype, self.xp)                  # layer type -> AttentionMask [B, 1, T, S]
         x = self.embed_tokens[args.ids] if args.embeds is None else args.embeds    # [B, T] -> [B, T, D]
@@ -153,10 +155,11 @@ class _WithBaseModel(Qwen2PreTrainedModel):
         return self.model.intermediate_names() + self.head_intermediate_names
 
     def _base(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
-              output_attentions, output_hidden_states):
+              output_attentions, output_hidden_states, head_rows=0):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                          output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                          head_rows=head_rows)
 
     @classmethod
     def _complete_head(cls, config, params, expected, path, dtype):
@@ -199,14 +202,17 @@ class Qwen2ForCausalLM(_WithBaseModel, GenerationMixin):
         next-token loss when `labels` [B, T] are given (-100 is ignored)."""
         B, T = batch_and_length(input_ids, inputs_embeds)
         keep = as_logits_to_keep(logits_to_keep, T)
+        rows = None if keep is None else [r % T for r in range(T)[keep]] if isinstance(keep, slice) else \
+            [r % T for r in keep]                                     # the positions whose logits are made
         if labels is not None:   # checked before the forward pass touches the cache
-            labels = as_labels(labels, self.config.vocab_size, (B, T if keep is None else len(range(T)[keep])))
+            labels = as_labels(labels, self.config.vocab_size, (B, T if keep is None else len(rows)))
         out = self._base(input_ids, attention_mask, position_ids, one_of(past_key_values, cache),
-                         inputs_embeds, use_cache, output_attentions, output_hidden_states)
+                         inputs_embeds, use_cache, output_attentions, output_hidden_states,
+                         head_rows=B * (T if rows is None else len(rows)))
         h = out.last_hidden_state                                     # [B, T, D]
         if keep is not None:                                          # the last k positions, or listed ones
             h = h[:, keep if isinstance(keep, slice) else self.xp.asarray(keep)]   # -> [B, k, D]
-        logits = tap(None, "logits", linear(h, self.lm_head))         # [B, k, D] -> [B, k, V]
+        logits = tap(None, "logits", linear(h, self.lm_head), rows)  # [B, k, D] -> [B, k, V]
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)

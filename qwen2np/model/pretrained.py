@@ -20,7 +20,7 @@ from ..io.stored import StoredTensor
 from ..weights.backend import backend as array_backend
 from ..weights.backend import COMPUTE_DTYPES, array_module, resolve_dtype, to_numpy
 from ..weights.parameters import check_memory, check_shapes, random_parameters
-from ..weights.plan import check_forward, parse_memory, plan_weights
+from ..weights.plan import check_forward, parse_memory, plan_weights, replan
 from ..weights.store import StoredWeight, convert_rows, convert_whole, hold_weights, reads_file, row_chunks
 from ..weights.system import apply_environment as apply_memory_environment
 from ..weights.system import default_budget
@@ -38,11 +38,12 @@ class Qwen2PreTrainedModel:
     # heads of the other classes, dropped (with a warning) when a checkpoint of one class is loaded in another
     foreign_heads = ("lm_head.weight", "score.weight", "score.bias")
 
-    def __init__(self, config, *, dtype="float32", seed=0, params=None, weight_plan=None, mapped_files=()):
+    def __init__(self, config, *, dtype="float32", seed=0, params=None, weight_plan=None, mapped_files=None):
         """A model of `config` computing in `dtype`, with random weights drawn from `seed` as transformers'
         `Model(config)` draws them; or, when given, with `params` ({checkpoint name: array or StoredWeight},
         used as they are), as `from_pretrained` makes it: `weight_plan` says how they are held
-        (weights.plan.WeightPlan), `mapped_files` are the files they are read from while the model runs.
+        (weights.plan.WeightPlan), `mapped_files` ({name: io.stored.MappedFile}) the files they are read
+        from while the model runs.
 
         The memory random weights need is checked first: a config too big for this machine is refused
         with the figures (e.g. the 11-billion-parameter default `Qwen2Config()`).
@@ -58,7 +59,7 @@ class Qwen2PreTrainedModel:
         apply_memory_environment(default=False)   # malloc left alone unless QWEN2NP_KEEP_FREED_MEMORY=1 (weights/system.py)
         self.xp = array_module(*params.values())  # the module of the arrays: numpy, or cupy after to("cupy")
         self.weight_plan = weight_plan            # None when built in memory
-        self._mapped_files = tuple(mapped_files)
+        self._mapped_files = dict(mapped_files or {})   # weight name -> the file it is read from
         self._set_params(params)
         self._attach_generation_config(None)
 
@@ -72,22 +73,27 @@ class Qwen2PreTrainedModel:
         return cls(config, dtype=dtype, seed=seed)
 
     @classmethod
-    def _from_params(cls, config, params, dtype, plan=None, files=()):
+    def _from_params(cls, config, params, dtype, plan=None, files=None):
         """`cls(config, dtype=, params=, weight_plan=, mapped_files=)`, positionally."""
         return cls(config, dtype=dtype, params=params, weight_plan=plan, mapped_files=files)
 
-    def check_can_run(self, cache, batch, length):
-        """Refuse, before anything is read or written, a forward pass of `batch` x `length` new positions
-        that cannot run: weights read from a file that changed on disk since loading (io/stored.py), a
-        cache made for another model or another batch (cache.py), temporaries beyond the memory budget
-        (weights/plan.py)."""
-        for file in self._mapped_files:
+    def check_can_run(self, args, logits=0, whole_scores=False):
+        """Refuse, before anything is read or written, a forward pass that cannot run: weights read from a
+        file that changed on disk since loading (io/stored.py), a cache made for another model or another
+        batch (cache.py), temporaries beyond the memory budget (weights/plan.py). `args` are the pass's
+        inputs.ForwardArguments, `logits` the rows of logits the head will make after it, `whole_scores`
+        whether a trace makes some layer's [B, H, T, S] attention maps whole."""
+        for file in set(self._mapped_files.values()):
             file.check()
         past = 0
-        if cache is not None:
-            cache.check_fits(self.config, batch, self.dtype)
-            past = cache.get_seq_length()
-        check_forward(self.weight_plan, self.config, batch, length, past)
+        if args.cache is not None:
+            args.cache.check_fits(self.config, args.batch, self.dtype)
+            past = args.cache.get_seq_length()
+        mask = args.attention_mask
+        check_forward(self.weight_plan, self.config, args.batch, args.length, past, logits=logits,
+                      padded=mask is not None and (mask.ndim == 4 or not mask.all()),
+                      output_attentions=args.output_attentions, output_hidden_states=args.output_hidden_states,
+                      whole_scores=whole_scores)
 
     # -- loading ------------------------------------------------------------------------------------
 
@@ -111,8 +117,8 @@ class Qwen2PreTrainedModel:
         stored = {n: t for n, t in tensors.items() if isinstance(t, StoredTensor)}
         plan = plan_weights(stored, dtype, config, budget, what=f"{cls.__name__} from {checkpoint.path}")
         params = hold_weights(tensors, plan, progress)
-        files = {id(t.file): t.file for n, t in stored.items() if reads_file(params[n])}   # not converted copies
-        model = cls(config, dtype=dtype, params=params, weight_plan=plan, mapped_files=files.values())
+        files = {n: t.file for n, t in stored.items() if reads_file(params[n])}   # not converted copies
+        model = cls(config, dtype=dtype, params=params, weight_plan=plan, mapped_files=files)
         model._attach_generation_config(checkpoint.generation_config)
         return model
 
@@ -163,7 +169,10 @@ class Qwen2PreTrainedModel:
         return tensors
 
     def load_state_dict(self, tensors, strict=True):
-        """Replace weights by name (e.g. to perturb one). Shapes must match; with strict, every weight."""
+        """Replace weights by name (e.g. to perturb one). Shapes must match; with strict, every weight.
+
+        A weight replaced by an array no longer comes from the checkpoint: the model stops checking its
+        file (a file it no longer reads may change), and its weight plan says it is kept in memory."""
         current = self.state_dict()
         expected = {n: tuple(a.shape) for n, a in current.items()}
         unknown = [n for n in tensors if n not in expected]
@@ -179,6 +188,13 @@ class Qwen2PreTrainedModel:
             if "lm_head.weight" in tensors and "model.embed_tokens.weight" not in tensors:
                 merged["model.embed_tokens.weight"] = merged["lm_head.weight"]
             merged.pop("lm_head.weight")
+        replaced = {n for n, a in merged.items() if a is not current.get(n)}
+        plan = self.weight_plan
+        if plan is not None and replaced:   # checked before anything changes: the arrays must fit the budget
+            plan = replan(plan, _holding(merged), self.dtype, self.config,
+                          f"{type(self).__name__} after load_state_dict")
+        self.weight_plan = plan
+        self._mapped_files = {n: f for n, f in self._mapped_files.items() if n not in replaced}
         self._set_params(merged)
 
     def num_parameters(self):
@@ -215,19 +231,28 @@ class Qwen2PreTrainedModel:
         if name in COMPUTE_DTYPES:
             dtype = resolve_dtype(name)
             # a weight converted per use stays so (in the new dtype); a kept one is converted now, after
-            # checking that the new arrays fit
+            # checking that the new arrays fit the machine and the budget, and the plan says so
             kept = {n: a for n, a in self.params.items() if not isinstance(a, StoredWeight)}
-            check_memory({n: a.shape for n, a in kept.items() if a.dtype != dtype}, dtype,
-                         f"{type(self).__name__}.to({name!r})")
+            what = f"{type(self).__name__}.to({name!r})"
+            check_memory({n: a.shape for n, a in kept.items() if a.dtype != dtype}, dtype, what)
+            plan = None if self.weight_plan is None else replan(self.weight_plan, _holding(self.params), dtype,
+                                                                 self.config, what)
             params = {n: StoredWeight(a.stored, dtype, a.stream) if isinstance(a, StoredWeight)
                       else a.astype(dtype, copy=False) for n, a in self.params.items()}
-            self.dtype = dtype
+            # a kept memory map converted to another dtype is a copy: its file is no longer read
+            self._mapped_files = {n: f for n, f in self._mapped_files.items() if reads_file(params[n])}
+            self.dtype, self.weight_plan = dtype, plan
         else:
             xp = array_backend(name)
             # subtle: back to NumPy with to_numpy: np.asarray refuses a cupy array (no implicit copies); a
             # weight converted per use is converted whole on the way to the device
             move = to_numpy if xp is np else xp.asarray
+            if xp is np and self.weight_plan is not None:   # weights converted per use are kept from now on
+                self.weight_plan = replan(self.weight_plan, {n: ("kept",) + h[1:] for n, h in
+                                                             _holding(self.params).items()}, self.dtype,
+                                          self.config, f"{type(self).__name__}.to({name!r})")
             params = {n: move(np.asarray(a) if isinstance(a, StoredWeight) else a) for n, a in self.params.items()}
+            self._mapped_files = {n: f for n, f in self._mapped_files.items() if reads_file(params[n])}
             self.xp = xp
         self._set_params(params)
         return self
@@ -237,6 +262,12 @@ class Qwen2PreTrainedModel:
         return (f"{type(self).__name__}({c.num_hidden_layers} layers, D={c.hidden_size}, H={c.num_attention_heads}, "
                 f"KV={c.num_key_value_heads}, HD={c.head_dim}, F={c.intermediate_size}, V={c.vocab_size}, "
                 f"{self.dtype.name})")
+
+
+def _holding(params):
+    """{name: (how, size, ndim)}: how each weight of `params` is held now ("kept", "mapped", "streamed")."""
+    return {n: ("kept" if not isinstance(a, StoredWeight) else "streamed" if a.stream else "mapped", a.size, a.ndim)
+            for n, a in params.items()}
 
 
 def _same_values(a, b):

@@ -92,8 +92,9 @@ def _set_thresholds():
 
 def available_memory():
     """Bytes this process can still use: /proc/meminfo's MemAvailable, or less when a cgroup (v1 or v2)
-    limits the process: its limit minus what it holds, not counting the inactive file cache, which the
-    kernel reclaims first. None when nothing can be read (not Linux)."""
+    limits the process: its limit minus what it holds, not counting its clean file cache, which the kernel
+    reclaims when the cgroup needs room (as MemAvailable counts it). None when nothing can be read (not
+    Linux)."""
     available = _meminfo("MemAvailable")
     limit = _cgroup_headroom()
     if limit is not None:
@@ -139,16 +140,25 @@ def _meminfo(key):
 
 
 def _cgroup_headroom():
-    """limit - (usage - inactive file cache) of the tightest memory cgroup of this process and its parents."""
+    """limit - (usage - clean file cache) of the tightest memory cgroup of this process and its parents."""
     rooms = [room for room, _ in _cgroup_rooms()]
     return min(rooms) if rooms else None
 
 
+# where the process's cgroups are listed, and where their folders are mounted
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+# memory.stat's keys, v2 and v1: the file cache on the kernel's LRU lists (active and inactive; shared
+# memory is not on them), and the part of it that must be written back before it can be reclaimed
+_FILE_CACHE = {"v2": (("active_file", "inactive_file"), ("file_dirty", "file_writeback")),
+               "v1": (("total_active_file", "total_inactive_file"), ("total_dirty", "total_writeback"))}
+
+
 def _cgroup_rooms():
     """(limit - held, held) for each memory cgroup of this process and its parents that sets a limit, where
-    held is the usage less the inactive file cache (v1 and v2)."""
+    held is the usage less the clean file cache (v1 and v2)."""
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(PROC_CGROUP) as f:
             lines = f.read().splitlines()
     except OSError:
         return []
@@ -156,10 +166,9 @@ def _cgroup_rooms():
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":                                  # v2: one unified hierarchy
-            base, files = "/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")
+            base, files = CGROUP_ROOT, ("memory.max", "memory.current", "v2")
         elif "memory" in controllers.split(","):               # v1: the memory controller's own hierarchy
-            base, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                                    "total_inactive_file")
+            base, files = f"{CGROUP_ROOT}/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "v1")
         else:
             continue
         parts = [p for p in path.split("/") if p]
@@ -170,8 +179,15 @@ def _cgroup_rooms():
     return rooms
 
 
-def _headroom(folder, limit_file, usage_file, inactive_key):
-    """(limit - held, held) of one cgroup folder, or None when it sets no limit or cannot be read."""
+def _headroom(folder, limit_file, usage_file, version):
+    """(limit - held, held) of one cgroup folder, or None when it sets no limit or cannot be read.
+
+    subtle: a cgroup is charged for the page cache its processes read, the checkpoint's included, and a
+    page read twice moves to the *active* list. Both lists are reclaimed when the cgroup needs room (only
+    dirty pages must be written first), so all clean file cache counts as free, as the kernel's
+    MemAvailable counts it; counting the active part as held made the default budget shrink run after run
+    in a container, as the checkpoint's own pages (the very weights the model reads) filled it.
+    """
     try:
         with open(f"{folder}/{limit_file}") as f:
             limit = f.read().strip()
@@ -181,16 +197,17 @@ def _headroom(folder, limit_file, usage_file, inactive_key):
         return None
     if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:    # no limit set
         return None
-    inactive = 0
+    stat = {}
     try:
         with open(f"{folder}/memory.stat") as f:
             for line in f:
                 key, _, value = line.partition(" ")
-                if key == inactive_key:
-                    inactive = int(value)
+                stat[key] = int(value)
     except (OSError, ValueError):
         pass
-    held = max(0, usage - inactive)
+    cached, unclean = _FILE_CACHE[version]
+    clean = max(0, sum(stat.get(k, 0) for k in cached) - sum(stat.get(k, 0) for k in unclean))
+    held = max(0, usage - clean)
     return max(0, int(limit) - held), held
 
 

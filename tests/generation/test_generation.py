@@ -188,3 +188,36 @@ def test_bad_inputs_raise_clear_errors():
         lm.generate(np.ones((1, 64), dtype=np.int64))
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['tempreature'\\]"):
         lm.generate([[1]], tempreature=0.5)
+
+
+class BrokenLM(TinyCountingLM):
+    """TinyCountingLM whose logits turn NaN (or infinite) in one row from one step on, as a float16 overflow
+    or a NaN weight makes them."""
+
+    def __init__(self, row, step, value=np.nan, **kw):
+        super().__init__(**kw)
+        self.row, self.step, self.value = row, step, value
+
+    def __call__(self, input_ids, **kw):
+        out = super().__call__(input_ids, **kw)
+        if len(self.calls) > self.step:
+            out.logits[self.row, -1, 3] = self.value
+        return out
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_generate_never_picks_a_token_from_logits_that_are_not_finite(do_sample, value):
+    """argmax of NaN logits is token 0 (a left-padded float16 batch generated "!" for 7 rows of 8 before
+    issue 17): generate names the row and the step instead."""
+    lm = BrokenLM(row=1, step=2, value=value)
+    with pytest.raises(GenerationError, match=r"not finite in row 1 at step 2 \(the 3rd new token\)"):
+        lm.generate([[1, 2], [3, 4]], max_new_tokens=5, do_sample=do_sample, seed=0 if do_sample else None)
+    assert BrokenLM(row=1, step=9).generate([[1, 2], [3, 4]], max_new_tokens=5).shape == (2, 7)   # before: fine
+
+
+def test_a_finished_row_may_have_any_logits():
+    """A row that has finished is fed padding and its logits are not used: they are not checked."""
+    lm = BrokenLM(row=0, step=1)
+    out = lm.generate([[6, 7], [1, 2]], max_new_tokens=4, eos_token_id=8, pad_token_id=0)
+    assert out[0].tolist() == [6, 7, 8, 0, 0, 0]

@@ -396,3 +396,69 @@ def test_nested_traces_generators_and_generate_still_work():
     with trace(model, "logits") as g:
         model.generate(x, max_new_tokens=3, do_sample=False)
     assert len(g.history("logits")) == 3      # the prefill, then two decode steps
+
+
+# -- a trace that keeps some positions -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "left padding"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_trace_that_keeps_positions_leaves_attention_in_blocks(monkeypatch, padded, dtype):
+    """A trace keeping positions (`positions=`) records those rows only, of every intermediate, and the
+    long pass stays attended over in blocks: the [B, H, T, S] scores, mask and probabilities are made
+    for the kept rows only (a traced 32k-token prompt needed 57 GB of them before issue 17). What it
+    records equals those rows of a trace that keeps everything (attention made whole), within rounding;
+    the logits of the kept rows too (float16: the rows that see no key are zero either way)."""
+    import qwen2np.model.attention as attention
+
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(attention, "SCORES_BUDGET_BYTES", 4 * 2 * 6 * 24 * np.dtype(dtype).itemsize)   # and with padding
+    made = []
+    whole = attention.attend
+
+    def counting(q, *args, **kw):
+        made.append(q.shape[2])
+        return whole(q, *args, **kw)
+
+    monkeypatch.setattr(attention, "attend", counting)
+    model = make(Qwen2ForCausalLM, dtype)
+    x = ids(2, 24)
+    mask = np.ones_like(x)
+    if padded:
+        mask[1, :5] = 0
+    kept = [0, 3, 7, 23]
+    with trace(model, "*", positions=kept) as part:
+        logits = model(x, attention_mask=mask).logits
+    assert max(made) == 4 and made.count(4) >= 2 * 24 // 4          # every layer in blocks of 4 rows
+    made.clear()
+    with trace(model, "*") as full:
+        reference = model(x, attention_mask=mask).logits
+    assert max(made) == 24                                            # made whole for a trace of every row
+    eps = float(np.finfo(dtype).eps)
+    assert part.names() == full.names()
+    for name in full.names():
+        axis = qwen2np.inspection.names.position_axes(name, full[name].ndim)[0]
+        expected = full[name] if axis is None else np.take(full[name], kept, axis=axis)
+        got, want = np.asarray(part[name], np.float64), np.asarray(expected, np.float64)
+        assert got.shape == want.shape, name
+        assert np.allclose(got, want, rtol=16 * eps, atol=16 * eps * max(1.0, np.abs(want).max())), name
+    assert part["model.layers.1.self_attn.probs"].shape == (2, 6, 4, 24)
+    assert np.allclose(np.asarray(logits, np.float64), np.asarray(reference, np.float64), rtol=16 * eps,
+                       atol=16 * eps * float(np.abs(np.asarray(reference, np.float64)).max()))
+
+
+def test_trace_positions_are_checked_and_may_change_between_passes():
+    model = make(Qwen2ForCausalLM)
+    for bad in ([], [-1], [1.5], [True], "3"):
+        with pytest.raises(TraceError, match="positions"):
+            trace(model, "logits", positions=bad)
+    with trace(model, "logits", "model.layers.0.self_attn.probs", positions=[1, 2, 99]) as t:
+        out = model(ids(1, 5))
+        t.positions = None
+        model(ids(1, 1), past_key_values=out.past_key_values)
+    first, step = t.history("model.layers.0.self_attn.probs")
+    assert first.shape == (1, 6, 2, 5) and step.shape == (1, 6, 1, 6)
+    assert t.history("logits")[0].shape == (1, 2, TINY["vocab_size"])
+    with trace(model, "logits", positions=[4]) as t:                  # logits_to_keep: rows 3 and 4 only
+        model(ids(1, 5), logits_to_keep=2)
+    assert t["logits"].shape == (1, 1, TINY["vocab_size"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import qwen2np.weights.store as ws
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
-from qwen2np.weights.plan import activation_bytes, parse_memory, plan_weights
+from qwen2np.weights.plan import plan_weights
 from qwen2np.errors import CheckpointError, ModelTooLargeError
 from qwen2np.io.checkpoint import open_checkpoint
 from qwen2np.io.safetensors_file import write_safetensors
@@ -83,14 +83,6 @@ def test_indexing_a_stored_weight_converts_only_what_it_gathers(tmp_path):
         weight[np.array([0, 9])]
     with pytest.raises(TypeError, match="integer array of rows"):
         weight[1:3]
-
-
-def test_parse_memory():
-    assert parse_memory("6GB") == 6 * 10**9 and parse_memory("6 GiB") == 6 * 2**30
-    assert parse_memory("512MB") == 512 * 10**6 and parse_memory(1234) == 1234 and parse_memory("1.5e9") == 1500000000
-    for bad in ("", "six GB", "-1GB", "5 parsecs", 0, -3, None, True, float("nan")):
-        with pytest.raises(ValueError, match="max_memory"):
-            parse_memory(bad)
 
 
 # -- the model within a budget ------------------------------------------------------------------------
@@ -179,19 +171,6 @@ def test_a_budget_too_small_for_any_forward_pass_is_refused_before_allocating(fo
     assert "cannot run within" in message and "streamed" in message and "512-token" in message
 
 
-def test_activation_estimate_covers_what_a_forward_pass_allocates():
-    """The estimate is an upper bound of the arrays a forward pass holds at once (checked against the
-    bytes of the traced intermediates of one layer plus the logits and the cache)."""
-    config = Qwen2Config(**TINY)
-    model = Qwen2ForCausalLM(config, seed=0)
-    import qwen2np
-
-    with qwen2np.trace(model, "model.layers.0.*", "logits") as t:
-        out = model(RNG.integers(0, 96, (1, 40)))
-    held = sum(t[n].nbytes for n in t.names()) + sum(k.nbytes + v.nbytes for k, v in out.past_key_values)
-    assert held <= activation_bytes(config, np.float32, 40)
-
-
 # -- files changed under a memory-mapped model --------------------------------------------------------
 
 
@@ -263,35 +242,3 @@ def test_a_matrix_vector_product_in_blocks_of_16_rows_equals_one_call(shape, row
     v = RNG.standard_normal(shape[1], dtype=np.float32)
     blocks = np.concatenate([w[r:r + rows] @ v for r in range(0, shape[0], rows)])
     assert np.array_equal(blocks, w @ v)
-
-
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_cgroup_limits_are_read(tmp_path, version):
-    """A container's limit, v1 or v2: limit - (usage - inactive file cache), and no limit when unlimited."""
-    from qwen2np.weights import system as budget
-
-    if version == "v2":
-        files = ("memory.max", "memory.current", "inactive_file")
-        (tmp_path / "memory.max").write_text("8000000000\n")
-        (tmp_path / "memory.current").write_text("3000000000\n")
-        (tmp_path / "memory.stat").write_text("anon 2000000000\ninactive_file 1000000000\n")
-    else:
-        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-        (tmp_path / "memory.limit_in_bytes").write_text("8000000000\n")
-        (tmp_path / "memory.usage_in_bytes").write_text("3000000000\n")
-        (tmp_path / "memory.stat").write_text("total_inactive_file 1000000000\ntotal_rss 2000000000\n")
-    assert budget._headroom(str(tmp_path), *files) == (6_000_000_000, 2_000_000_000)
-    (tmp_path / files[0]).write_text("max\n" if version == "v2" else "9223372036854771712\n")
-    assert budget._headroom(str(tmp_path), *files) is None
-
-
-def test_the_default_budget_leaves_a_quarter_of_the_machine(monkeypatch):
-    from qwen2np.weights import system as budget
-
-    monkeypatch.setattr(budget, "available_memory", lambda: 20 * 2**30)
-    monkeypatch.setattr(budget, "_meminfo", lambda key: 24 * 2**30)
-    monkeypatch.setattr(budget, "_cgroup_rooms", lambda: [])
-    assert budget.default_budget() == 14 * 2**30
-    monkeypatch.setattr(budget, "_cgroup_rooms", lambda: [(4 * 2**30, 4 * 2**30)])     # an 8 GiB container
-    monkeypatch.setattr(budget, "available_memory", lambda: 4 * 2**30)
-    assert budget.default_budget() == 2 * 2**30

@@ -58,7 +58,9 @@ def run(path, budget, out):
 def test_a_small_budget_converts_per_use_with_the_same_logits_in_a_fraction_of_the_memory(files, tmp_path, kind):
     resident, logits = run(files[kind], "none", tmp_path / "resident.npy")
     assert "every weight kept as float32" in resident["plan"]
-    small, streamed = run(files[kind], "1.5GB", tmp_path / "small.npy")
+    # subtle: 1.0 GB, not 1.5: since issue 17 the nominal pass is estimated at what it takes (0.44 GB, was
+    # 1.19), and 1.5 GB left room to keep 6 layers and map the rest, streaming nothing
+    small, streamed = run(files[kind], "1.0GB", tmp_path / "small.npy")
     assert "streamed from the file" in small["plan"], small["plan"]
     assert np.array_equal(streamed, logits)                       # bit for bit, prefill and decode steps
     assert small["rss"] < 0.6 * resident["rss"], (small, resident)
