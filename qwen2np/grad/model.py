@@ -93,7 +93,8 @@ def value_and_grad(model, input_ids=None, labels=None, attention_mask=None, *, p
                          _room(model, max_memory),
                          outputs=config.vocab_size if head == "Qwen2ForCausalLM" else config.num_labels,
                          checkpoint=checkpoint, what=f"value_and_grad of {type(model).__name__}")
-    model.check_can_run(None, B, T)            # the files unchanged, the forward's temporaries within budget
+    # the files unchanged, the forward's temporaries within budget (the causal LM's logits at every position)
+    model.check_can_run(args, logits=B * T if head == "Qwen2ForCausalLM" else 0)
     with running(model), running(base):        # traces opened on the model see its intermediates and their grads
         _refuse_forward_edits(model)
         loss, grads = _forward_backward(model, base, head, args, labels, problem_type, num_items_in_batch,

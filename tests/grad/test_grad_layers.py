@@ -56,7 +56,10 @@ def test_linear_leaves_out_what_is_not_asked_for():
 
 
 @settings(max_examples=20)
-@given(d=st.integers(1, 7), eps=st.sampled_from([1e-6, 1e-2]), seed=st.integers(0, 2**16))
+# subtle: from d = 2. With one feature the norm is x / sqrt(x² + eps) ≈ sign(x), whose derivative eps / |x|³
+# is ~1e-4 where finite differences resolve 1e-11 (x = 0.12; hypothesis found it) and bends on the scale of
+# |x| where it is large (x = 0.018: a truncation error of 1e-8): no step checks it to 1e-8 everywhere
+@given(d=st.integers(2, 7), eps=st.sampled_from([1e-6, 1e-2]), seed=st.integers(0, 2**16))
 def test_rms_norm(d, eps, seed):
     rng = np.random.default_rng(seed)
     x, w, r = rng.standard_normal((2, 3, d)), rng.standard_normal(d), rng.standard_normal((2, 3, d))
@@ -67,6 +70,16 @@ def test_rms_norm(d, eps, seed):
     d_x, d_w = rms_norm_backward(r, x, w, eps)
     assert relative_error(numeric(loss, x), d_x) <= TOL
     assert relative_error(numeric(loss, w), d_w) <= TOL
+
+
+def test_rms_norm_of_one_feature_away_from_zero():
+    x, w, r = np.array([[[0.7], [-1.3], [2.0]]]), np.array([1.5]), np.array([[[0.3], [-0.8], [1.1]]])
+
+    def loss():
+        return float((rms_norm(x, w, 1e-2) * r).sum())
+
+    d_x, d_w = rms_norm_backward(r, x, w, 1e-2)
+    assert relative_error(numeric(loss, x), d_x) <= TOL and relative_error(numeric(loss, w), d_w) <= TOL
 
 
 def test_rms_norm_backward_keeps_float32():
