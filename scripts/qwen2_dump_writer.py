@@ -28,9 +28,10 @@ tests/golden/test_qwen2_dump_writer.py holds it to what qwen2np itself writes.
 * The manifest lists each pass's tensors in forward order, whatever order the port recorded them in.
 * `config` is the checkpoint's config.json (a dict): the manifest keeps the fields that change the
   forward pass and their sha256 (`config_fingerprint`). `weights`, the port's weights as it computes
-  with them ({checkpoint name: array}, rounded to bfloat16 by a bfloat16 port), gives the
-  `weights_fingerprint` that `--isolate` checks; `lm_head.weight` is added as the embedding when the
-  config ties them and the port has none.
+  with them ({checkpoint name: array}, rounded to bfloat16 by a bfloat16 port; any mapping, read one
+  weight at a time), gives the `weights_fingerprint` that `--isolate` checks; `lm_head.weight` is
+  listed as the embedding when the config ties them and the port has none. (Or `fingerprint`: a
+  `weights_fingerprint(weights)` computed once for many dumps of the same weights.)
 * The tensors' bytes go to a temporary folder as they are recorded (the port can let go of them); the
   folder then replaces `folder` in one rename. A `folder` that holds files is refused unless
   `overwrite=True`.
@@ -137,15 +138,25 @@ def weight_digest(array):
     return h.hexdigest()
 
 
-def weights_fingerprint(weights):
+def weights_fingerprint(weights, tied=False):
     """{"method", "digest", "tensors"} of {name: array} (docs/dump-format.md, method "sha256-f32").
+
+    `weights` may be any mapping; each weight is read once, so a mapping that converts on access (from a
+    framework's arrays) holds one copy at a time. `tied`: an absent `lm_head.weight` is the embedding's.
 
     >>> fp = weights_fingerprint({"b": np.ones(3, np.float32), "a": np.zeros((2, 2))})
     >>> fp["method"], fp["digest"][:12]
     ('sha256-f32', '94a6e41d675a')
     """
-    digests = {name: weight_digest(weights[name]) for name in sorted(weights)}
-    lines = "".join(f"{n} {'x'.join(map(str, np.shape(weights[n])))} {digests[n]}\n" for n in sorted(weights))
+    digests, shapes = {}, {}
+    for name in sorted(weights):
+        array = weights[name]
+        digests[name], shapes[name] = weight_digest(array), np.shape(array)
+    if tied and "lm_head.weight" not in digests and "model.embed_tokens.weight" in digests:
+        # the model's state_dict lists the tied head under its own name (docs/dump-format.md)
+        digests["lm_head.weight"], shapes["lm_head.weight"] = digests["model.embed_tokens.weight"], \
+            shapes["model.embed_tokens.weight"]
+    lines = "".join(f"{n} {'x'.join(map(str, shapes[n]))} {digests[n]}\n" for n in sorted(digests))
     return {"method": "sha256-f32", "digest": hashlib.sha256(lines.encode("utf-8")).hexdigest(), "tensors": digests}
 
 
@@ -182,7 +193,7 @@ def stored_bytes(name, array, dtype):
 class DumpWriter:
     """Records (name, array) per forward pass and writes the dump folder whole when its block ends."""
 
-    def __init__(self, folder, *, producer, dtype, input_ids, config, weights=None, attention_mask=None,
+    def __init__(self, folder, *, producer, dtype, input_ids, config, weights=None, fingerprint=None, attention_mask=None,
                  prompt=None, chat=False, versions=None, model_path=None, model_class="Qwen2ForCausalLM",
                  options=None, overwrite=False):
         if dtype not in STORED:
@@ -199,10 +210,8 @@ class DumpWriter:
         model = {"path": None if model_path is None else str(model_path), "class": model_class, "config": arch,
                  "config_fingerprint": config_fingerprint(arch), "weights_fingerprint": None}
         if weights is not None:
-            weights = dict(weights)
-            if arch["tie_word_embeddings"] and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]   # hashed as the model's state_dict lists it
-            model["weights_fingerprint"] = weights_fingerprint(weights)
+            fingerprint = weights_fingerprint(weights, tied=bool(arch["tie_word_embeddings"]))
+        model["weights_fingerprint"] = fingerprint    # or one computed before, for many dumps of one model
         self.manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "producer": producer, "versions": versions or {},
             "model": model, "dtype": dtype, "prompt": prompt, "chat": bool(chat), "input_ids": self.input_ids,
