@@ -202,9 +202,9 @@ def phase_keras(work, gguf, prompts, ports):
                                 dtype, "--out", str(out)], check=True)
 
 
-def phase_llama(work, gguf, prompts):
+def phase_llama(work, gguf, prompts, ports=None):
     for name, (kind, quant) in PORTS.items():
-        if kind != "llama":
+        if kind != "llama" or (ports is not None and name not in ports):
             continue
         for i, ids in enumerate(prompts):
             out = work / slug(name) / str(i)
@@ -406,7 +406,7 @@ def main(argv=None):
         elif phase == "keras":
             phase_keras(args.work, gguf, prompts, ports)
         elif phase == "llama":
-            phase_llama(args.work, gguf, prompts)
+            phase_llama(args.work, gguf, prompts, ports)
         elif phase == "analyse":
             phase_analyse(args.work, gguf, len(prompts), ports, isolate=not args.no_isolate)
         else:

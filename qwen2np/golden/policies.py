@@ -167,31 +167,35 @@ def _budgets(table):
 
 
 # NMSE limits (dB) per band (layer 0, layers up to a quarter of the depth, the rest), and cosine limits:
-# the worst measured + 6 dB, and 1 - 4 (1 - worst cosine); float32-level figures held at -100 dB
+# the worst measured + 6 dB, and 1 - 4 (1 - worst cosine); float32-level figures held at -100 dB.
+# bfloat16: the loosest of two measurements (docs/tolerances.md, "Three bfloat16 implementations"):
+# transformers on the five prompts of 45-62 tokens, and transformers, mlx-lm 0.32.2 and keras-hub 0.32.0
+# on prose (96 tokens), code (128), Chinese (160) and a 512-token text (measure_policies.py --prompt-set
+# lengths --ports ...)
 _BFLOAT16 = {
     "embed_tokens": ((-50, -50, -50), (0.999995,) * 3),
-    "rotary_emb.cos": ((-54, -54, -54), (0.999998,) * 3),
+    "rotary_emb.cos": ((-53, -53, -53), (0.999998,) * 3),
     "rotary_emb.sin": ((-50, -50, -50), (0.999995,) * 3),
-    "input_layernorm": ((-43, -14, -21), (0.999974, 0.980135, 0.996071)),
-    "self_attn.q_proj": ((-49, -20, -31), (0.999993, 0.995701, 0.999571)),
-    "self_attn.k_proj": ((-46, -27, -27), (0.999989, 0.999089, 0.999006)),
-    "self_attn.v_proj": ((-38, -19, -21), (0.999921, 0.993056, 0.995693)),
-    "self_attn.q_rope": ((-45, -20, -31), (0.999984, 0.995693, 0.999567)),
-    "self_attn.k_rope": ((-46, -27, -27), (0.999988, 0.999086, 0.999002)),
-    "self_attn.scores": ((-47, -8, -19), (0.99999, 0.928752, 0.994946)),
-    "self_attn.probs": ((-2, -10, -21), (0.71479, 0.954376, 0.996295)),
-    "self_attn.context": ((-4, -17, -19), (0.797329, 0.989013, 0.994919)),
+    "input_layernorm": ((-42, -14, -21), (0.999971, 0.980135, 0.996071)),
+    "self_attn.q_proj": ((-49, -20, -28), (0.999993, 0.995701, 0.999215)),
+    "self_attn.k_proj": ((-46, -27, -24), (0.999989, 0.999089, 0.998512)),
+    "self_attn.v_proj": ((-38, -17, -20), (0.999921, 0.990909, 0.99456)),
+    "self_attn.q_rope": ((-44, -20, -28), (0.999981, 0.995693, 0.999215)),
+    "self_attn.k_rope": ((-46, -27, -24), (0.999986, 0.999086, 0.998495)),
+    "self_attn.scores": ((-46, -8, -19), (0.99999, 0.928752, 0.994946)),
+    "self_attn.probs": ((-2, -10, -20), (0.71479, 0.95025, 0.994764)),
+    "self_attn.context": ((-3, -16, -18), (0.768198, 0.989013, 0.993503)),
     "self_attn.head_out": ((-8, -13, -19), (0.922262, 0.973544, 0.995332)),
-    "self_attn.o_proj": ((-11, -16, -18), (0.961217, 0.988356, 0.992894)),
-    "resid_mid": ((-16, -18, -25), (0.98813, 0.992261, 0.998313)),
-    "post_attention_layernorm": ((-15, -14, -21), (0.985353, 0.981679, 0.996053)),
+    "self_attn.o_proj": ((-11, -16, -18), (0.961217, 0.988356, 0.991379)),
+    "resid_mid": ((-15, -18, -24), (0.985239, 0.992261, 0.998272)),
+    "post_attention_layernorm": ((-13, -14, -21), (0.97752, 0.981679, 0.995838)),
     "mlp.gate_proj": ((-12, -19, -26), (0.969773, 0.993907, 0.998788)),
-    "mlp.up_proj": ((-15, -15, -21), (0.982465, 0.982974, 0.996151)),
-    "mlp.act": ((-11, -17, -24), (0.958647, 0.990881, 0.997952)),
-    "mlp.down_proj": ((-17, -16, -19), (0.990872, 0.986814, 0.993615)),
+    "mlp.up_proj": ((-15, -15, -21), (0.982465, 0.982974, 0.995804)),
+    "mlp.act": ((-11, -17, -24), (0.958647, 0.990695, 0.997952)),
+    "mlp.down_proj": ((-17, -15, -18), (0.990872, 0.982874, 0.992012)),
     "layer": ((-17, -20, -24), (0.990997, 0.994733, 0.997922)),
     "norm": ((-24, -24, -24), (0.998166,) * 3),
-    "logits": ((-27, -27, -27), (0.999047,) * 3),
+    "logits": ((-26, -26, -26), (0.998872,) * 3),
 }
 _FLOAT16 = {
     "embed_tokens": ((-72, -72, -72), (0.999999,) * 3),
