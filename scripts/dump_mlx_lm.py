@@ -57,7 +57,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qwen2_dump_writer import DumpWriter, forward_order, weights_fingerprint  # noqa: E402
+from qwen2_dump_writer import DumpWriter, forward_order, weights_fingerprint  # noqa: E402, F401 (the tests use it)
 
 import mlx_lm  # noqa: E402
 
