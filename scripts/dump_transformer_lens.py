@@ -37,15 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qwen2_dump_writer import DumpWriter  # noqa: E402
 
 import transformer_lens  # noqa: E402
+import transformer_lens.loading_from_pretrained  # noqa: E402
 import transformers  # noqa: E402
 from transformer_lens import HookedTransformer  # noqa: E402
-from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache  # noqa: E402
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: E402
 
 
 def with_tokenizer(folder, tokenizer, tmp):
-    """A folder with the checkpoint's files and the tokenizer's, as symbolic links."""
+    """A folder with the checkpoint's files and the tokenizer's, as symbolic links (config.json rewritten)."""
     view = Path(tmp) / "model"
     view.mkdir()
+    # subtle: a folder saved by transformers from a GGUF keeps `quantization_config: gguf` in its config,
+    # though its weights are plain float32; TransformerLens refuses any quantized checkpoint, so the view's
+    # config.json drops it
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (view / "config.json").write_text(json.dumps(config))
     for source in [*Path(folder).iterdir(), *Path(tokenizer).iterdir()]:
         if source.is_file() and not (view / source.name).exists():
             os.symlink(source.resolve(), view / source.name)
@@ -55,6 +62,11 @@ def with_tokenizer(folder, tokenizer, tmp):
 def load(folder, tokenizer, tmp):
     view = with_tokenizer(folder, tokenizer, tmp)
     hf = transformers.AutoModelForCausalLM.from_pretrained(view, dtype=torch.float32)
+    # subtle: from_pretrained asks for an official model name before it looks at the path, though the
+    # config loader it calls next reads local folders: the check is bypassed for a folder that exists
+    official = transformer_lens.loading_from_pretrained.get_official_model_name
+    transformer_lens.loading_from_pretrained.get_official_model_name = lambda name: (
+        name if Path(name).is_dir() else official(name))
     model = HookedTransformer.from_pretrained_no_processing(str(view), hf_model=hf, dtype=torch.float32,
                                                             device="cpu", default_prepend_bos=False)
     weights = {n: t.detach().float().numpy().copy() for n, t in hf.state_dict().items()}
@@ -101,12 +113,19 @@ def hooks(model, record, T_of_pass):
     return [(n, f) for n, f in out if f is not None]
 
 
-def module_hooks(model, record):
-    """The norms' outputs (after the weight), which no hook point holds."""
+def module_hooks(model, record, seen):
+    """The norms' outputs (after the weight), which no hook point holds. `seen`: the names recorded in this
+    pass (TransformerLens calls ln1 three times, on the query, key and value inputs: the first is kept)."""
     handles = []
+
+    def once(name, y):
+        if name not in seen:
+            seen.add(name)
+            record(name, numpy(y))
+
     for l, block in enumerate(model.blocks):
         s = f"model.layers.{l}"
-        handles.append(block.ln1.register_forward_hook(lambda m, a, y, s=s: record(f"{s}.input_layernorm", numpy(y))))
+        handles.append(block.ln1.register_forward_hook(lambda m, a, y, s=s: once(f"{s}.input_layernorm", y)))
         handles.append(block.ln2.register_forward_hook(
             lambda m, a, y, s=s: record(f"{s}.post_attention_layernorm", numpy(y))))
     handles.append(model.ln_final.register_forward_hook(lambda m, a, y: record("model.norm", numpy(y))))
@@ -117,7 +136,7 @@ def plant(model, bug):
     """A planted mistake; returns a function that undoes it."""
     if bug == "rope-theta":
         attn = model.blocks[2].attn
-        sin, cos = attn.calculate_sin_cos_rotary(attn.cfg.rotary_dim, attn.cfg.n_ctx, base=10000,
+        sin, cos = attn.calculate_sin_cos_rotary(attn.cfg.rotary_dim, attn.rotary_sin.shape[0], base=10000,
                                                  dtype=attn.rotary_sin.dtype)
         saved = attn.rotary_sin.clone(), attn.rotary_cos.clone()
         attn.rotary_sin.copy_(sin), attn.rotary_cos.copy_(cos)
@@ -147,11 +166,13 @@ def record_dump(model, config, weights, input_ids, out, decode_steps=0, plants=(
                                                                      "plants": list(plants), "cache": "before RoPE"},
                                          model_path=None if model_path is None else str(model_path),
                                          overwrite=overwrite) as writer:
-            handles = module_hooks(model, writer)
+            seen = set()
+            handles = module_hooks(model, writer, seen)
             try:
-                cache = HookedTransformerKeyValueCache.init_cache(model.cfg, model.cfg.device, B)
+                cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, B)
                 for start, length in plan:
                     writer.new_pass(start, length)
+                    seen.clear()
                     current["T"] = length
                     logits = model.run_with_hooks(ids[:, start:start + length], past_kv_cache=cache,
                                                   fwd_hooks=hooks(model, writer, lambda: current["T"]))
