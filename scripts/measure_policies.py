@@ -40,6 +40,7 @@ from qwen2np.golden.dump import read_dump, write_dump
 from qwen2np.golden.isolate import isolate_dump
 from qwen2np.golden.record import record_dump
 from qwen2np.golden.tolerances import kind_of
+from qwen2np.inspection.names import LAYER_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 DECODE_STEPS = 2
@@ -57,6 +58,16 @@ PROMPTS = [
     '1000000.0, "vocab": 151936, "dtype": ["float32", "float64"], "tests": [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]}\n'
     "import numpy as np\nx = np.linspace(0, 1, 101)\ny = np.sin(2 * np.pi * x) ** 2 + np.cos(3 * x)\nprint(y.mean())\n",
 ]
+# --prompt-set lengths: prose, code, Chinese, and one long text (~512 tokens), each cut at its own length
+LONG = (PROMPTS[0] + PROMPTS[1] + "\n\n" + PROMPTS[3]) * 3
+LENGTHS_SET = [
+    ("prose", PROMPTS[1], 96),
+    ("code", PROMPTS[0], 128),
+    ("chinese", "快速排序是一种分而治之的排序算法，由托尼·霍尔在1959年发明。它选择一个基准元素，把数组分成两部分：小于基准的元素和大于基准"
+                "的元素，然后递归地对两部分排序。平均时间复杂度为O(n log n)，最坏情况下为O(n²)。在实践中，快速排序通常比其他排序算法更快，"
+                "因为它的内部循环可以在大多数架构上高效地实现。归并排序则需要额外的内存，但它是稳定的。", 160),
+    ("long", LONG, 512),
+]
 CHAT = "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation."
 PORTS = {   # name -> (kind, argument)
     "transformers bfloat16": ("transformers", "bfloat16"),
@@ -66,28 +77,40 @@ PORTS = {   # name -> (kind, argument)
     "llama.cpp F32": ("llama", "F32"),
     "llama.cpp Q8_0": ("llama", "Q8_0"),
     "llama.cpp Q4_K_M": ("llama", None),
+    # other implementations of bfloat16 (--ports): each computes with its own rounding orders
+    "mlx-lm bfloat16": ("mlx", "bfloat16"),
+    "keras-hub bfloat16": ("keras", "bfloat16"),
 }
+# the names dumped: "*" but head_out for the lengths set (H times o_proj's memory at 512 tokens)
+INCLUDE = ["*"]
+KERAS_PYTHON = "/work/venvs/keras-hub/bin/python"   # keras-hub 0.32.0 + JAX CPU in a venv of its own
 
 
 def slug(name):
     return name.replace(" ", "-").replace(".", "")
 
 
-def prompt_ids(tokenizer, length):
-    """One [1, T] id array per prompt, T <= length (the chat prompt through the chat template)."""
+def prompt_ids(tokenizer, length, prompt_set="default"):
+    """One [1, T] id array per prompt, T <= length (the chat prompt through the chat template); with
+    prompt_set "lengths", the texts of LENGTHS_SET each cut at its own length."""
+    if prompt_set == "lengths":
+        return [np.array([tokenizer(text)["input_ids"][:n]]) for _, text, n in LENGTHS_SET]
     texts = PROMPTS + [tokenizer.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True,
                                                      tokenize=False)]
     return [np.array([tokenizer(t)["input_ids"][:length]]) for t in texts]
 
 
-def phase_reference(work, gguf, prompts):
-    """qwen2np float64 on the test GGUF and on its Q8_0 conversion: the references."""
-    for label, path in [("reference", gguf), ("reference-Q8_0", llama_file(gguf, "Q8_0"))]:
-        model = Qwen2ForCausalLM.from_pretrained(path, dtype="float64")
+def phase_reference(work, gguf, prompts, dtype="float64", quantized=True):
+    """qwen2np float64 on the test GGUF and on its Q8_0 conversion: the references (float32 and the GGUF
+    alone with --reference-dtype float32: for half-precision ports a float32 reference is as good, 80 dB
+    below their error, and 5 GB smaller)."""
+    files = [("reference", gguf)] + ([("reference-Q8_0", llama_file(gguf, "Q8_0"))] if quantized else [])
+    for label, path in files:
+        model = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype)
         for i, ids in enumerate(prompts):
             out = work / label / str(i)
             if not (out / "manifest.json").is_file():
-                write_dump(record_dump(model, ids, decode_steps=DECODE_STEPS, model_path=path), out)
+                write_dump(record_dump(model, ids, include=INCLUDE, decode_steps=DECODE_STEPS, model_path=path), out)
         del model
         gc.collect()
 
@@ -108,7 +131,7 @@ def transformers_folder(gguf):
     return transformers_checkpoint_folder(transformers, gguf)
 
 
-def phase_transformers(work, gguf, prompts):
+def phase_transformers(work, gguf, prompts, ports=None):
     import torch
 
     torch.set_num_threads(2)
@@ -116,15 +139,17 @@ def phase_transformers(work, gguf, prompts):
     dt = load_dump_transformers()
     folder = transformers_folder(gguf)
     for name, (kind, dtype) in PORTS.items():
-        if kind != "transformers":
+        if kind != "transformers" or (ports is not None and name not in ports):
             continue
         model = dt.load_model(folder, dtype)
         for i, ids in enumerate(prompts):
             out = work / slug(name) / str(i)
             if not (out / "manifest.json").is_file():
-                write_dump(dt.record_dump(model, ids, decode_steps=DECODE_STEPS, model_path=folder), out)
+                write_dump(dt.record_dump(model, ids, include=INCLUDE, decode_steps=DECODE_STEPS, model_path=folder), out)
         del model
         gc.collect()
+    if ports is not None and "qwen2np float32" not in ports:
+        return
     model = Qwen2ForCausalLM.from_pretrained(folder)
     for i, ids in enumerate(prompts):
         out = work / slug("qwen2np float32") / str(i)
@@ -141,9 +166,45 @@ def llama_file(gguf, kind):
     return module.requantized(gguf, kind)
 
 
-def phase_llama(work, gguf, prompts):
+def phase_mlx(work, gguf, prompts, ports):
+    """mlx-lm (scripts/dump_mlx_lm.py), fused attention as mlx-lm runs, in this process."""
+    spec = importlib.util.spec_from_file_location("dump_mlx_lm", ROOT / "scripts" / "dump_mlx_lm.py")
+    dm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dm)
+    folder = transformers_folder(gguf)
+    for name in ports:
+        kind, dtype = PORTS[name]
+        if kind != "mlx":
+            continue
+        model, config = dm.load(folder, dtype)
+        fingerprint = dm.weights_fingerprint(dm.port_weights(model))
+        for i, ids in enumerate(prompts):
+            out = work / slug(name) / str(i)
+            if not (out / "manifest.json").is_file():
+                dm.record_dump(model, config, ids, out, decode_steps=DECODE_STEPS, fingerprint=fingerprint,
+                               model_path=folder)
+        del model
+        gc.collect()
+
+
+def phase_keras(work, gguf, prompts, ports):
+    """keras-hub (scripts/dump_keras_hub.py) in its own venv, one process per dump."""
+    folder = transformers_folder(gguf)
+    for name in ports:
+        kind, dtype = PORTS[name]
+        if kind != "keras":
+            continue
+        for i, ids in enumerate(prompts):
+            out = work / slug(name) / str(i)
+            if not (out / "manifest.json").is_file():
+                subprocess.run([KERAS_PYTHON, str(ROOT / "scripts" / "dump_keras_hub.py"), "--model", str(folder),
+                                "--ids", json.dumps(ids.tolist()), "--decode-steps", str(DECODE_STEPS), "--dtype",
+                                dtype, "--out", str(out)], check=True)
+
+
+def phase_llama(work, gguf, prompts, ports=None):
     for name, (kind, quant) in PORTS.items():
-        if kind != "llama":
+        if kind != "llama" or (ports is not None and name not in ports):
             continue
         for i, ids in enumerate(prompts):
             out = work / slug(name) / str(i)
@@ -200,11 +261,15 @@ def isolate_port(work, name, count, model):
     return worst
 
 
-def phase_analyse(work, gguf, count):
+def phase_analyse(work, gguf, count, ports=None, isolate=True):
     results = {"compare": {}, "logits": {}, "isolate": {}}
-    for name in PORTS:
+    for name in ports or PORTS:
         results["compare"][name], results["logits"][name] = compare_port(work, name, count)
         print(f"compared {name}", file=sys.stderr, flush=True)
+    if not isolate:
+        (work / "results.json").write_text(json.dumps(results))
+        print_tables(results)
+        return
     model = Qwen2ForCausalLM.from_pretrained(gguf)
     for name in PORTS:
         if name != "llama.cpp Q8_0":
@@ -272,6 +337,28 @@ def print_tables(results):
         figures = results["logits"][p]
         print(f"* {p}: KL max {max(f['kl'] for f in figures):.2e}, top-1 min {min(f['top1'] for f in figures):.3f}, "
               f"top-p min {min(f['top_p'] for f in figures):.3f} ({', '.join(str(f['rows']) for f in figures)} positions)")
+    if results["isolate"]:
+        print_isolation(results, ports, header)
+    print("\n### Budgets derived (NMSE dB per band: layer 0, first quarter, rest; cosine likewise)\n")
+    for policy, names in [("bfloat16", [p for p in ports if p.endswith("bfloat16")]),
+                          ("float16", ["transformers float16"]), ("q8_0", ["llama.cpp Q8_0"]),
+                          ("q4_k_m", ["llama.cpp Q4_K_M"])]:
+        names = [n for n in names if n in results["compare"]]
+        if not names:
+            continue
+        print(f"{policy} (the worst of {', '.join(names)}):")
+        for kind in results["compare"][names[0]]:
+            merged = {}
+            for n in names:
+                for layer, (nmse, cos) in results["compare"][n].get(kind, {}).items():
+                    m = merged.setdefault(layer, [-1e9, 1.0])
+                    m[0], m[1] = max(m[0], nmse), min(m[1], cos)
+            print(f"    {kind!r}: {budgets(merged)},")
+    print()
+    print(json.dumps(results))
+
+
+def print_isolation(results, ports, header):
     print("\n### Isolation: worst local error per kind (rel; half precision: share ≠ / share > 1 ulp)\n")
     print(header)
     for kind in results["isolate"][ports[0]]:
@@ -285,35 +372,43 @@ def print_tables(results):
             else:
                 cells.append(f"{w['rel']:.1e} ({w['nmse']:.0f} dB)")
         print(f"| `{kind}` | " + " | ".join(cells) + " |")
-    print("\n### Budgets derived (NMSE dB per band: layer 0, first quarter, rest; cosine likewise)\n")
-    for p, policy in [("transformers bfloat16", "bfloat16"), ("transformers float16", "float16"),
-                      ("llama.cpp Q8_0", "q8_0"), ("llama.cpp Q4_K_M", "q4_k_m")]:
-        print(f"{policy}:")
-        for kind, layers in results["compare"][p].items():
-            print(f"    {kind!r}: {budgets(layers)},")
-    print()
-    print(json.dumps(results))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, type=Path, help="the folder for the dumps and results.json")
     parser.add_argument("--phases", nargs="+", default=["reference", "transformers", "llama", "analyse"],
-                        choices=["reference", "transformers", "llama", "analyse", "tables"])
+                        choices=["reference", "transformers", "mlx", "keras", "llama", "analyse", "tables"])
     parser.add_argument("--length", type=int, default=64, help="tokens per prompt (default 64)")
+    parser.add_argument("--prompt-set", choices=["default", "lengths"], default="default",
+                        help="lengths: prose 96, code 128, Chinese 160 and a long text of 512 tokens")
+    parser.add_argument("--ports", nargs="+", choices=list(PORTS), default=None,
+                        help="the ports to dump and analyse (default: the seven of docs/tolerances.md's first table)")
+    parser.add_argument("--reference-dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--no-isolate", action="store_true", help="analyse: comparisons only")
     args = parser.parse_args(argv)
     gguf = test_checkpoint_path()
-    prompts = prompt_ids(Qwen2Tokenizer.from_pretrained(gguf), args.length)
+    prompts = prompt_ids(Qwen2Tokenizer.from_pretrained(gguf), args.length, args.prompt_set)
+    if args.prompt_set == "lengths":
+        INCLUDE[:] = [f"model.layers.*.{n}" for n in LAYER_NAMES if n != "self_attn.head_out"] + \
+            ["model.embed_tokens", "model.rotary_emb.*", "model.layers.[0-9]", "model.layers.[0-9][0-9]",
+             "model.norm", "logits"]
+    ports = args.ports or [p for p in PORTS if PORTS[p][0] not in ("mlx", "keras")]
     for phase in args.phases:
         print(f"phase {phase}", file=sys.stderr, flush=True)
         if phase == "reference":
-            phase_reference(args.work, gguf, prompts)
+            phase_reference(args.work, gguf, prompts, args.reference_dtype,
+                            quantized=any(PORTS[p] == ("llama", "Q8_0") for p in ports))
         elif phase == "transformers":
-            phase_transformers(args.work, gguf, prompts)
+            phase_transformers(args.work, gguf, prompts, ports)
+        elif phase == "mlx":
+            phase_mlx(args.work, gguf, prompts, ports)
+        elif phase == "keras":
+            phase_keras(args.work, gguf, prompts, ports)
         elif phase == "llama":
-            phase_llama(args.work, gguf, prompts)
+            phase_llama(args.work, gguf, prompts, ports)
         elif phase == "analyse":
-            phase_analyse(args.work, gguf, len(prompts))
+            phase_analyse(args.work, gguf, len(prompts), ports, isolate=not args.no_isolate)
         else:
             print_tables(json.loads((args.work / "results.json").read_text()))
     return 0
