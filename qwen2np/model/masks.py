@@ -28,16 +28,22 @@ from ..errors import ModelInputError
 from ..weights.backend import array_module
 
 
-def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
-    """Causal (and sliding-window) visibility of keys by queries, by sequence index.  -> [T, S] bool"""
-    q = np.arange(q_start, q_start + q_len, dtype=np.int64)[:, None]      # [T, 1]
-    k = np.arange(kv_start, kv_start + kv_len, dtype=np.int64)[None, :]   # [1, S]
+def visible_keys(q, k, sliding_window=None):
+    """The rule: does query index q see key index k? Causal, and within the window on a sliding layer.
+    q and k are arrays of sequence indices that broadcast (q [n, 1] against k [1, m] -> [n, m] bool)."""
     visible = k <= q
     if sliding_window is not None:
         # subtle: W keys including the query itself (k > q - W), as the 5.24 masks do; older
         # flash-attention paths saw W + 1 (docs/sliding-window.md)
-        visible &= k > q - sliding_window
+        visible = visible & (k > q - sliding_window)
     return visible
+
+
+def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
+    """Causal (and sliding-window) visibility of keys by queries, by sequence index.  -> [T, S] bool"""
+    q = np.arange(q_start, q_start + q_len, dtype=np.int64)[:, None]      # [T, 1]
+    k = np.arange(kv_start, kv_start + kv_len, dtype=np.int64)[None, :]   # [1, S]
+    return visible_keys(q, k, sliding_window)
 
 
 def packed_sequence_ids(position_ids):
@@ -54,10 +60,7 @@ def packed_sequence_ids(position_ids):
 def packed_visibility(position_ids, sequence_ids, sliding_window=None):
     """Visibility for a packed batch: the rules on positions, within one sequence.  -> [B, T, T] bool"""
     q, k = position_ids[:, :, None], position_ids[:, None, :]   # [B, T, 1], [B, 1, T]
-    visible = k <= q
-    if sliding_window is not None:
-        visible &= k > q - sliding_window
-    return visible & (sequence_ids[:, :, None] == sequence_ids[:, None, :])
+    return visible_keys(q, k, sliding_window) & (sequence_ids[:, :, None] == sequence_ids[:, None, :])
 
 
 def attention_bias(visible, dtype, xp=np):
@@ -180,10 +183,7 @@ class AttentionMask:
             return self._bias[:, :, rows, k0:k1]
         q = np.arange(self.shape[2], dtype=np.int64)[rows] + self.q_start        # [n] sequence indices
         k = np.arange(self.kv_start + k0, self.kv_start + k1, dtype=np.int64)    # [m]
-        visible = k[None, :] <= q[:, None]                                       # [n, m]
-        if self.window is not None:
-            visible &= k[None, :] > q[:, None] - self.window
-        visible = visible[None, None]                                            # [1, 1, n, m]
+        visible = visible_keys(q[:, None], k[None, :], self.window)[None, None]   # [1, 1, n, m]
         if self.keep is not None:
             visible = visible & self.keep[:, None, None, k0:k1]                  # -> [B, 1, n, m]
         visible = np.broadcast_to(visible, (self.shape[0], 1) + visible.shape[2:])   # -> [B, 1, n, m]

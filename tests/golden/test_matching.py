@@ -28,8 +28,11 @@ def test_a_model_whose_weights_are_converted_per_use(model, tmp_path):
     subscriptable, then a TypeError on a slice.)"""
     model.save_pretrained(tmp_path / "tiny")
     dump = record_dump(model, [[1, 2, 3, 4, 5]], decode_steps=1)
-    # float64 from a float32 file: every matrix needs converting; the budget leaves no room to keep them
-    streamed = Qwen2ForCausalLM.from_pretrained(tmp_path / "tiny", dtype="float64", max_memory="465MB")
+    # float64 from a float32 file: every matrix needs converting; a budget of what a forward pass needs with
+    # every weight streamed, plus 1 kB, leaves no room to keep them
+    planned = Qwen2ForCausalLM.from_pretrained(tmp_path / "tiny", dtype="float64").weight_plan
+    streamed = Qwen2ForCausalLM.from_pretrained(tmp_path / "tiny", dtype="float64",
+                                                max_memory=planned.figures["needed_always"] + 1000)
     assert isinstance(streamed.state_dict()["model.layers.0.mlp.up_proj.weight"], StoredWeight)
     isolation = isolate_dump(dump, streamed)
     assert isolation.ok and not isolation.not_isolated, format_isolation(isolation, brief=True)

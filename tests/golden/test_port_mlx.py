@@ -3,9 +3,11 @@ from its own forward pass by scripts/dump_mlx_lm.py (through scripts/qwen2_dump_
 inside), and judged by `compare` and `compare --isolate` as a porter would.
 
 * clean, float32: within the float32 policy against qwen2np, and every operation isolated agrees, with
-  mlx-lm's fused attention (whose scores and probabilities do not exist: `context` is not isolated) and
-  with the attention written out (scores, mask, probs recorded and isolated);
-* clean, bfloat16: consistent with a correct bfloat16 implementation (compare);
+  mlx-lm's fused attention (whose scores and probabilities do not exist: `context` is recomputed from q,
+  k and v) and with the attention written out (scores, mask, probs recorded and isolated);
+* a GQA bug inside the fused attention: named at its context, with the mistake;
+* clean, bfloat16: consistent with a correct bfloat16 implementation (compare), and every operation but
+  mlx's SiLU product agrees with one of the legitimate bfloat16 rounding orders (isolate; the SiLU is open);
 * four porting mistakes planted in one run (tests/support/mlx_bugs.py): ε outside the root of layer 0's
   input norm, RoPE θ = 10000 in layer 2, q_proj's bias forgotten in layer 4, GQA heads tiled in layer 3:
   compare stops at the first; isolation names each one where it is, in every pass, and nothing else.
@@ -117,10 +119,28 @@ def test_mlx_lm_float32_with_its_fused_attention_is_a_correct_float32_port(ports
     assert len(c.tensors) == 3 * (3 + 24 * 14)     # embedding, norm, logits; per layer all but scores, mask, probs, head_out, act
     isolation = isolate_dump(mine, real_model)
     assert isolation.ok, format_isolation(isolation, brief=True)
-    assert "equal to A's" in isolation.notes[0]
-    # subtle: the fused attention leaves no probabilities, so its output is not isolated (today)
-    assert sorted({c.name.rsplit(".", 1)[-1] for c in isolation.not_isolated}) == ["context"]
-    assert len(isolation.not_isolated) == 3 * 24 and all("self_attn.probs" in c.missing for c in isolation.not_isolated)
+    assert "checked against A's fingerprint" in isolation.notes[0]
+    # the fused attention leaves no probabilities: its context is recomputed from the dump's q_rope, k_rope, v_proj
+    assert not isolation.not_isolated, format_isolation(isolation, brief=True)
+    assert len([c for c in isolation.checks if c.name.endswith("self_attn.context")]) == 3 * 24
+
+
+def test_a_gqa_bug_inside_mlx_lm_fused_attention_is_named(ports, ids, reference, real_model, tmp_path):
+    """KV heads tiled (h % KV for h // G) inside mlx-lm's own fused attention, in layer 3: no scores or probs
+    to see it in, yet isolation names the context of layer 3, in every pass, with the mistake, and nothing
+    else; it never says "ok" (issue 16: it said ok, and 702 tensors "inherit")."""
+    from support import mlx_bugs
+
+    ports.get("float32")
+    mine = ports.dump(ids, tmp_path / "gqa", attention=mlx_bugs.fused_gqa_tiled(3),
+                      include=["model.embed_tokens", "model.rotary_emb.*", *(f"model.layers.{l}{s}" for l in range(5)
+                                                                            for s in ("", ".*"))])
+    assert compare_dumps(mine, reference).first_failure.name == "model.layers.3.self_attn.context"
+    isolation = isolate_dump(mine, real_model)
+    assert not isolation.ok and root_causes(isolation) == ["model.layers.3.self_attn.context"], \
+        format_isolation(isolation, brief=True)
+    assert {c.pass_index for c in isolation.root_causes} == {0, 1, 2}
+    assert all("(tile)" in c.mistake for c in isolation.root_causes), format_isolation(isolation, brief=True)
 
 
 def test_mlx_lm_float32_with_the_attention_written_out_isolates_every_step(dm, ports, ids, reference, real_model,
@@ -161,12 +181,20 @@ def test_four_porting_mistakes_in_one_run_are_each_named(dm, ports, ids, referen
                                                                     "model.embed_tokens"]), real_model).ok
 
 
-def test_mlx_lm_bfloat16_is_consistent_with_a_correct_bfloat16_implementation(ports, ids, reference, tmp_path):
-    """compare's verdict on the real bfloat16 port (its isolation needs mlx-lm's own rounding orders: the
-    SwiGLU product rounds silu(gate) first, docs/porting.md)."""
+def test_mlx_lm_bfloat16_is_consistent_with_a_correct_bfloat16_implementation(ports, ids, reference, real_model,
+                                                                             tmp_path):
+    """compare's verdict on the real bfloat16 port, and isolation's with mlx-lm's own rounding orders."""
     ports.get("bfloat16", fingerprint=False)    # compare needs none
     mine = ports.dump(ids, tmp_path / "mlx16")
     assert mine.dtype == "bfloat16"
     c = compare_dumps(mine, reference)
     assert c.ok and c.policy.name == "bfloat16", format_report(c, brief=True)
     assert not compare_dumps(mine, reference, policy="float32").ok
+    # isolation accepts mlx-lm's rounding orders everywhere but in its SiLU: every other operation agrees
+    # with a legitimate bfloat16 order. subtle: mlx's CPU kernel for silu(gate) · up on bfloat16 is none of
+    # the orders the engine knows (the closest replay, exp(-x) rounded then 1 / (1 + e) once, leaves 4 % of
+    # the elements 1 ulp off): its act_up is still called a root cause, an open gap of issue 16
+    isolation = isolate_dump(mine, real_model)
+    report = format_isolation(isolation, brief=True)
+    assert {c.name.split(".", 3)[-1] for c in isolation.root_causes} <= {"mlp.act_up"}, report
+    assert not isolation.not_isolated and len(isolation.checks) > 1000, report

@@ -79,25 +79,23 @@ def test_the_mask_equals_the_model_s(q_start, T, S, window):
 
 def window_one_key_wider(original):
     """A sliding window of W + 1 keys: the off-by-one of older flash-attention paths (docs/sliding-window.md)."""
-    def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
-        return original(q_start, q_len, kv_start, kv_len, None if sliding_window is None else sliding_window + 1)
-    return visibility
+    def visible_keys(q, k, sliding_window=None):
+        return original(q, k, None if sliding_window is None else sliding_window + 1)
+    return visible_keys
 
 
 def one_future_key(original):
     """A causal mask that lets each query see the key right after it."""
-    def visibility(q_start, q_len, kv_start, kv_len, sliding_window=None):
-        q = np.arange(q_start, q_start + q_len)[:, None]
-        k = np.arange(kv_start, kv_start + kv_len)[None, :]
-        return original(q_start, q_len, kv_start, kv_len, sliding_window) | (k == q + 1)
-    return visibility
+    def visible_keys(q, k, sliding_window=None):
+        return original(q, k, sliding_window) | (k == q + 1)
+    return visible_keys
 
 
 @pytest.mark.parametrize("bug, layers", [(window_one_key_wider, [2, 3]), (one_future_key, [0, 1, 2, 3])])
 def test_a_bug_in_the_model_s_mask_is_named(monkeypatch, bug, layers):
-    """The model's masks.visibility made wrong: isolation names the masks it makes, and nothing else
-    (probs are right on the mask the model used)."""
-    monkeypatch.setattr(model_masks, "visibility", bug(model_masks.visibility))
+    """The model's mask rule (masks.visible_keys) made wrong: isolation names the masks it makes, and nothing
+    else (probs are right on the mask the model used)."""
+    monkeypatch.setattr(model_masks, "visible_keys", bug(model_masks.visible_keys))
     model = Qwen2ForCausalLM(Qwen2Config(**TINY, **SLIDING), seed=5)
     isolation = isolate_dump(record_dump(model, IDS, MASK, decode_steps=2), model)     # the bug still planted
     assert root_causes(isolation) == [f"model.layers.{l}.self_attn.mask" for l in layers], \

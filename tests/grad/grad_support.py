@@ -70,7 +70,7 @@ def check_tensor(f, p, g, rng, elements=6, floor=1e-6):
     direction (both relative to |g|, so that a direction where g is small by chance does not divide by
     almost 0), and element by element at the largest entry of g and a few random ones.
 
-    subtle: |g| is bounded below by `floor` (the caller's: about 1e-6 of the model's largest gradient), for
+    subtle: |g| is bounded below by `floor` (the caller's: 1e-5 of the model's largest gradient), for
     gradients that are 0 in exact arithmetic and hold only rounding (q and k when every key a query sees
     is the same token): the differences' own error, ~1e-12, must not be divided by 1e-18."""
     norm = max(float(np.linalg.norm(g)), floor)
@@ -86,5 +86,8 @@ def check_tensor(f, p, g, rng, elements=6, floor=1e-6):
 
 
 def gradient_floor(grads):
-    """1e-6 of the largest gradient norm of any tensor: check_tensor's floor."""
-    return 1e-6 * max(float(np.linalg.norm(g)) for g in grads.values())
+    """1e-5 of the largest gradient norm of any tensor: check_tensor's floor.
+
+    subtle: not 1e-6: hypothesis drew a model (hidden size 2, one head, T = 2) whose q_proj gradient is 0
+    exactly and whose differences read 1.5e-12 of rounding, 1.5e-6 of the largest gradient (1.0)."""
+    return 1e-5 * max(float(np.linalg.norm(g)) for g in grads.values())

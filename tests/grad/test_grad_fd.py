@@ -76,7 +76,9 @@ def configs(draw):
     kv = draw(st.sampled_from([1, 2]))
     heads = kv * draw(st.sampled_from([1, 2, 3]))
     layers = draw(st.integers(1, 2))
-    c = dict(vocab_size=draw(st.integers(6, 24)), hidden_size=heads * draw(st.sampled_from([2, 4])),
+    # subtle: a hidden size of at least 4: over 2 features RMSNorm is nearly sign(x) for some rows, and finite
+    # differences cannot check it to 1e-6 there (hypothesis drew an embedding gradient of 54 read 6e-4 off)
+    c = dict(vocab_size=draw(st.integers(6, 24)), hidden_size=heads * draw(st.sampled_from([4, 8])),
              intermediate_size=draw(st.integers(2, 12)), num_hidden_layers=layers, num_attention_heads=heads,
              num_key_value_heads=kv, tie_word_embeddings=draw(st.booleans()),
              rope_theta=draw(st.sampled_from([10000.0, 50.0])), rms_norm_eps=draw(st.sampled_from([1e-6, 1e-3])),

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import transformers_checkpoint_folder
 from qwen2np import Qwen2Config, Qwen2ForCausalLM
-from qwen2np.golden.compare import distance_db
+from qwen2np.golden.metrics import distance_db
 from qwen2np.inspection.tracing import trace
 from qwen2np.model.attention import attend
 
