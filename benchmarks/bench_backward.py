@@ -20,13 +20,13 @@ transformers. Target (issue 19): qwen2np's backward at most 3x its forward's tim
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from workers import run_worker, transformers_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's qwen2np, whatever is installed
 
@@ -92,23 +92,6 @@ def worker(side, folder, tokens, repeats):
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
 
 
-def run_worker(*args):
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True,
-                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode:
-        sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def transformers_folder(gguf):
-    """transformers' own float32 conversion of the GGUF (cached beside it, as the tests do)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import transformers
-    from conftest import transformers_checkpoint_folder
-
-    return transformers_checkpoint_folder(transformers, Path(gguf))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--gguf", default=None)
@@ -127,7 +110,7 @@ def main():
     runs = {"qwen2np": [], "transformers": []}
     for _ in range(args.rounds):   # alternate, so that drifting machine load hits both sides
         for side in runs:
-            runs[side].append(run_worker(side, str(folder), str(args.tokens), str(args.repeats)))
+            runs[side].append(run_worker(__file__, side, str(folder), str(args.tokens), str(args.repeats)))
     result = {"tokens": args.tokens, "dtype": "float32"}
     for side, rs in runs.items():
         best = min(rs, key=lambda r: r["forward_s"] + r["backward_s"])

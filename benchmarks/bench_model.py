@@ -18,10 +18,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from workers import run_worker, transformers_folder
 
 PREFILL = 512
 CONTEXT = 100
@@ -100,23 +100,6 @@ def _peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def run_worker(*args):
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True,
-                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode:
-        sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def transformers_folder(gguf):
-    """transformers' own float32 conversion of the GGUF (cached beside it, as the tests do)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import transformers
-    from conftest import transformers_checkpoint_folder
-
-    return transformers_checkpoint_folder(transformers, Path(gguf))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--gguf", default=None)
@@ -136,10 +119,10 @@ def main():
     runs = {"qwen2np": [], "transformers": []}
     for _ in range(args.rounds):  # alternate, so drifting machine load hits both sides
         for side in runs:
-            runs[side].append(run_worker(side, str(folder), str(args.repeats)))
+            runs[side].append(run_worker(__file__, side, str(folder), str(args.repeats)))
     result = {side: {k: min(r[k] for r in rs) if k != "peak_rss_gb" else max(r[k] for r in rs)
                      for k in rs[0]} for side, rs in runs.items()}
-    result["qwen2np"].update(run_worker("gguf", str(gguf)))
+    result["qwen2np"].update(run_worker(__file__, "gguf", str(gguf)))
     q, t = result["qwen2np"], result["transformers"]
     result["ratios_qwen2np_over_transformers"] = {
         k: q[k] / t[k] for k in ("load_s", "prefill_512_all_logits_s", "prefill_512_last_logit_s", "decode_step_ms")}

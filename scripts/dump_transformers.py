@@ -321,6 +321,17 @@ def versions():
             "numpy": np.__version__}
 
 
+def describe(model, model_path, fingerprint):
+    """The manifest's `model`: path, class, config and its fingerprint, and the weights' fingerprint as the
+    model holds them (rounded, in half precision), or None."""
+    weights = None
+    if fingerprint is not None:
+        weights = weights_fingerprint({n: to_numpy(t, copy=False) for n, t in model.state_dict().items()}, fingerprint)
+    return {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
+            "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
+            "weights_fingerprint": weights}
+
+
 def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_steps=0, prompt=None, chat=False,
                 model_path=None, fingerprint="sha256-f32", float64_all=False, positions=None):
     """The transformers counterpart of qwen2np.golden.record.record_dump: the same passes, names, format."""
@@ -342,12 +353,7 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     if kept is not None:
         passes[0]["tensors"] = [(n, take_positions(n, a, kept)) for n, a in passes[0]["tensors"]]
     dtype = {t: name for name, t in DTYPES.items()}[model.dtype]
-    weights = None
-    if fingerprint is not None:   # of the weights as the model holds them: rounded, in half precision
-        weights = weights_fingerprint({n: to_numpy(t, copy=False) for n, t in model.state_dict().items()}, fingerprint)
-    description = {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
-                   "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
-                   "weights_fingerprint": weights}
+    description = describe(model, model_path, fingerprint)
     dump = new_dump(producer=f"transformers {transformers.__version__} (scripts/dump_transformers.py)",
                     versions=versions(), dtype=dtype, input_ids=ids.numpy(), attention_mask=attention_mask,
                     prompt=prompt, chat=chat, passes=passes, model=description,
@@ -392,12 +398,7 @@ def record_grad_dump(model, input_ids, attention_mask=None, include=("*",), prom
     if kept is not None:
         passes[0]["tensors"] = [(n, take_positions(n, a, kept)) for n, a in tensors]
     dtype = {t: name for name, t in DTYPES.items()}[model.dtype]
-    weights = None
-    if fingerprint is not None:
-        weights = weights_fingerprint({n: to_numpy(t, copy=False) for n, t in model.state_dict().items()}, fingerprint)
-    description = {"path": None if model_path is None else str(model_path), "class": type(model).__name__,
-                   "config": architecture(model.config), "config_fingerprint": config_fingerprint(model.config),
-                   "weights_fingerprint": weights}
+    description = describe(model, model_path, fingerprint)
     dump = new_dump(producer=f"transformers {transformers.__version__} (scripts/dump_transformers.py)",
                     versions=versions(), dtype=dtype, input_ids=ids.numpy(), attention_mask=attention_mask,
                     prompt=prompt, chat=chat, passes=passes, model=description,

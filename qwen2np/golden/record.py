@@ -55,12 +55,7 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
     plan = plan_passes(ids.shape[1], decode_steps)
     kept = select_positions(positions, ids.shape[1], plan[0][1])      # prefill positions kept, or None
     options = {"include": list(include), "decode_steps": decode_steps}
-    manifest = new_manifest(producer=f"qwen2np {versions()['qwen2np']}", versions=versions(), dtype=model.dtype,
-                            input_ids=ids, attention_mask=mask, prompt=prompt, chat=chat,
-                            model=model_description(model, model_path, fingerprint), options=options)
-    manifest["passes"] = [{"start": start, "length": length, "tensors": []} for start, length in plan]
-    if kept is not None:
-        options["positions"] = manifest["passes"][0]["positions"] = kept
+    manifest = _manifest(model, ids, mask, plan, kept, options, prompt, chat, model_path, fingerprint)
     tensors = {}                     # in memory, when there is no `out`
     writer = None if out is None else DumpWriter(out, overwrite=overwrite)
     now = {"pass": 0}
@@ -92,11 +87,7 @@ def record_dump(model, input_ids, attention_mask=None, include=("*",), decode_st
             cache = result.past_key_values
         if writer is not None:
             writer.finish(manifest)
-    if writer is not None:
-        return read_dump(out)
-    dump = Dump(manifest, tensors)
-    check_dump(dump, "record_dump")
-    return dump
+    return _recorded(writer, out, manifest, tensors, "record_dump")
 
 
 def record_gradient_dump(model, input_ids, attention_mask, include, backward, prompt=None, chat=False,
@@ -127,12 +118,7 @@ def record_gradient_dump(model, input_ids, attention_mask, include, backward, pr
     wanted = [n[:-len(".grad")] for n in parameters if any(fnmatch.fnmatchcase(n, p) for p in include)]
     kept = select_positions(positions, ids.shape[1], ids.shape[1])
     options = {"include": include, "decode_steps": 0, "grad": {"labels": "input_ids, -100 at padding"}}
-    manifest = new_manifest(producer=f"qwen2np {versions()['qwen2np']}", versions=versions(), dtype=model.dtype,
-                            input_ids=ids, attention_mask=mask, prompt=prompt, chat=chat,
-                            model=model_description(model, model_path, fingerprint), options=options)
-    manifest["passes"] = [{"start": 0, "length": ids.shape[1], "tensors": []}]
-    if kept is not None:
-        options["positions"] = manifest["passes"][0]["positions"] = kept
+    manifest = _manifest(model, ids, mask, [(0, ids.shape[1])], kept, options, prompt, chat, model_path, fingerprint)
     tensors = {}
     writer = None if out is None else DumpWriter(out, overwrite=overwrite)
 
@@ -155,10 +141,27 @@ def record_gradient_dump(model, input_ids, attention_mask, include, backward, pr
         options["grad"]["loss"] = float(loss)
         if writer is not None:
             writer.finish(manifest)
+    return _recorded(writer, out, manifest, tensors, "record_gradient_dump")
+
+
+def _manifest(model, ids, mask, plan, kept, options, prompt, chat, model_path, fingerprint):
+    """The manifest of a recording by `model`, its forward passes `plan` listed with no tensor yet (the
+    prefill's `kept` positions noted in it and in `options`)."""
+    manifest = new_manifest(producer=f"qwen2np {versions()['qwen2np']}", versions=versions(), dtype=model.dtype,
+                            input_ids=ids, attention_mask=mask, prompt=prompt, chat=chat,
+                            model=model_description(model, model_path, fingerprint), options=options)
+    manifest["passes"] = [{"start": start, "length": length, "tensors": []} for start, length in plan]
+    if kept is not None:
+        options["positions"] = manifest["passes"][0]["positions"] = kept
+    return manifest
+
+
+def _recorded(writer, out, manifest, tensors, where):
+    """The dump recorded: read back from `out` when it was written there, else checked in memory."""
     if writer is not None:
         return read_dump(out)
     dump = Dump(manifest, tensors)
-    check_dump(dump, "record_gradient_dump")
+    check_dump(dump, where)
     return dump
 
 
