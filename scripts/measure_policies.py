@@ -271,14 +271,15 @@ def phase_analyse(work, gguf, count, ports=None, isolate=True):
         print_tables(results)
         return
     model = Qwen2ForCausalLM.from_pretrained(gguf)
-    for name in PORTS:
+    for name in ports or PORTS:
         if name != "llama.cpp Q8_0":
             results["isolate"][name] = isolate_port(work, name, count, model)
             print(f"isolated {name}", file=sys.stderr, flush=True)
     del model
     gc.collect()
-    model = Qwen2ForCausalLM.from_pretrained(llama_file(gguf, "Q8_0"))
-    results["isolate"]["llama.cpp Q8_0"] = isolate_port(work, "llama.cpp Q8_0", count, model)
+    if "llama.cpp Q8_0" in (ports or PORTS):    # its reference weights are the Q8_0 file's
+        model = Qwen2ForCausalLM.from_pretrained(llama_file(gguf, "Q8_0"))
+        results["isolate"]["llama.cpp Q8_0"] = isolate_port(work, "llama.cpp Q8_0", count, model)
     (work / "results.json").write_text(json.dumps(results))
     print_tables(results)
 

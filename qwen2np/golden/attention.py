@@ -164,12 +164,23 @@ def scores(ctx, q, keys, scale=None, kv_index=None, S=None):
     scale = HD ** -0.5 if scale is None else scale
     k = per_query_head(last_positions(keys, S, f"{ctx.scope}.self_attn.k_rope"),
                        repeat_heads(H, KV) if kv_index is None else kv_index)   # [B, H, S, HD]
+    product, finish = score_product(ctx, q, k, scale)
+    return finish(ctx.r(product))
+
+
+def score_product(ctx, q, k, scale):
+    """The scores before their first rounding, and what follows it (order "scores"): q [B, H, T, HD], k
+    [B, H, S, HD] -> ([B, H, T, S], finish), the scores being finish(ctx.r(product))."""
     order = ctx.order("scores")
     if order == "queries":          # the queries scaled first (mlx's attention, keras-hub)
-        return ctx.r(ctx.r(q * scale) @ k.swapaxes(-1, -2))
+        return ctx.r(q * scale) @ k.swapaxes(-1, -2), _same
     if order == "once":             # one rounding of the scaled product
-        return ctx.r((q @ k.swapaxes(-1, -2)) * scale)
-    return ctx.r(ctx.r(q @ k.swapaxes(-1, -2)) * scale)
+        return (q @ k.swapaxes(-1, -2)) * scale, _same
+    return q @ k.swapaxes(-1, -2), lambda s: ctx.r(s * scale)
+
+
+def _same(x):
+    return x
 
 
 def softmax(ctx, x):
@@ -215,23 +226,72 @@ def fused_context(ctx, q, keys, values, recorded_mask=None, scale=None, kv_index
     """The attention of a fused kernel (scaled_dot_product_attention, mlx.fast, flash): q [B, H, T, HD], keys
     [B, KV, past+T, HD], values [B, past+T, KV·HD] -> [B, T, H·HD], over every key seen so far, the port's mask
     (recorded) or the layer's. Rounded as the port rounds (order "attention"): once at the output (a kernel
-    that accumulates in float32), or as transformers' eager attention, or with the queries scaled first."""
+    that accumulates in float32), or as transformers' eager attention, or with the queries scaled first, or
+    with only the probabilities rounded (JAX)."""
     B, H, T, HD = q.shape
     if S is None:   # every key seen so far (a sliding layer's window is in the mask)
         S = ctx.start + ctx.length if ctx.whole else int(ctx.positions.max()) + 1
     order = ctx.order("attention")
     ordered = {"eager": "product", "queries": "queries"}.get(order, None)
     inside = _Ordered(ctx, scores=ordered, softmax="float32") if ordered else _Exact(ctx)
-    s = scores(inside, q, keys, scale, kv_index, S)
     if recorded_mask is None and window != "config":
         allowed = layer_mask(ctx, B, T, S, window) == 0
     else:
         allowed = allowed_keys(ctx, B, T, S, recorded_mask)
-    with np.errstate(invalid="ignore"):
-        p = softmax(_Ordered(ctx, softmax="float32") if ordered else _Exact(ctx), s + np.where(allowed, 0.0, mask_fill))
-    if ordered:
-        return context(ctx, p, values, kv_index)
-    return ctx.r(merge_heads(p @ values_per_head(ctx, values, S, kv_index)))
+    H, KV = ctx.config.num_attention_heads, ctx.config.num_key_value_heads
+    k = per_query_head(last_positions(keys, S, f"{ctx.scope}.self_attn.k_rope"),
+                       repeat_heads(H, KV) if kv_index is None else kv_index)    # [B, H, S, HD]
+    v = values_per_head(ctx, values, S, kv_index)                                 # [B, H, S, HD]
+    product, finish = score_product(inside, q, k, HD ** -0.5 if scale is None else scale)
+
+    def attend(s, allowed, v):      # scores [..., S], allowed keys [..., S], values [..., S, HD] -> [..., HD]
+        with np.errstate(invalid="ignore"):
+            p = softmax(_Ordered(ctx, softmax="float32") if ordered else _Exact(ctx),
+                        s + np.where(allowed, 0.0, mask_fill))
+        if ordered:                 # the probabilities rounded, then the product by V
+            return ctx.r(p @ v)
+        if order == "probs":        # JAX: float32 inside, the probabilities rounded to the values' dtype
+            return ctx.r(ctx.r(p) @ v)
+        return p @ v                # one rounding, at the output
+
+    c = attend(finish(inside.r(product)), allowed, v)                            # [B, H, T, HD]
+    if ordered and ctx.observed is not None:
+        c = settle_ties(ctx, product, finish, allowed, v, c, attend)
+    return merge_heads(c) if ordered or order == "probs" else ctx.r(merge_heads(c))
+
+
+# a score within this share of a unit in the last place of a rounding midpoint may round either way in a
+# port: a float32 dot product of HD terms summed in another order moves it by up to ~1e-3 units (bfloat16)
+TIE = 0.01
+
+
+def settle_ties(ctx, product, finish, allowed, v, c, attend):
+    """The context c [B, H, T, HD] with each row that differs from the port's (ctx.observed) recomputed with
+    one score that lay on a rounding tie rounded the other way, where that makes the row the port's.
+
+    subtle: a half-precision score within 1e-5 of a unit in the last place from a midpoint rounds up in one
+    float32 sum and down in another; exp() makes that unit 28 % of its probability (a score of 52 in
+    bfloat16: 0.25), and the row of the context moves by up to 16 units. Each is a legitimate result, so
+    the port's row is matched against both. Only rows that differ are searched, one tie at a time."""
+    B, H, T, HD = c.shape
+    observed = ctx.observed.reshape(B, T, H, HD).transpose(0, 2, 1, 3)          # [B, H, T, HD]
+    rounded = ctx.r(product)
+    other = ctx.r(2 * product - rounded)       # the neighbour on the other side of the midpoint
+    gap = np.abs(other - rounded)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tie = (gap > 0) & (np.abs(np.abs(product - rounded) / gap - 0.5) < TIE)
+    c = c.copy()
+    rows = (c != observed).any(axis=-1) & tie.any(axis=-1)                      # [B, H, T]
+    for b, h, t in zip(*np.nonzero(rows)):
+        best = np.count_nonzero(c[b, h, t] != observed[b, h, t])
+        for j in np.flatnonzero(tie[b, h, t]):
+            s = rounded[b, h, t].copy()
+            s[j] = other[b, h, t, j]
+            row = attend(finish(s), allowed[b, 0, t], v[b, h])
+            off = np.count_nonzero(row != observed[b, h, t])
+            if off < best:
+                best, c[b, h, t] = off, row
+    return c
 
 
 class _Exact:

@@ -259,10 +259,12 @@ def isolate_one(ops, name, index, judge, learned, joined=None):
         check.weights = [ops.weight_name(w, layer) for w in recipe.weights]
         check.via = "fused" if "attention" in recipe.families else ""
         combos = combinations(recipe.families, learned) if dump.dtype in HALF else [{}]
+        # a fused attention in half precision picks, at each rounding tie of its scores, the port's side
+        observed = np.asarray(dump[key], np.float64) if check.via and dump.dtype in HALF else None
         if joined is not None and joined[0] == combos[0]:
             expected, ops.used = joined[1], list(joined[2])
         else:
-            expected = ops.expected(name, index, combos[0])
+            expected = ops.expected(name, index, combos[0], observed=observed)
     except NotIsolated as e:
         check.missing, check.inputs = str(e), list(dict.fromkeys(ops.used))
         return check
@@ -276,7 +278,7 @@ def isolate_one(ops, name, index, judge, learned, joined=None):
         judge.valid[key] = valid
     _adopt(check, judge(check, expected), combos[0])
     for combo in combos[1:] if not check.ok else ():   # another legitimate rounding order may be the port's
-        trial = judge(check, ops.expected(name, index, combo))
+        trial = judge(check, ops.expected(name, index, combo, observed=observed))
         if trial.ok and (not check.ok or (trial.off, trial.beyond) < (check.off, check.beyond)):
             _adopt(check, trial, combo)
     if check.ok and check.orders:

@@ -41,7 +41,7 @@ class Operations:
         return layer, next(c for c in (choices if isinstance(choices, tuple) else (choices,))
                            if all(self.has(self.input_name(n, layer), k) for n in c.when))
 
-    def context(self, name, k, layer, orders=None):
+    def context(self, name, k, layer, orders=None, observed=None):
         p = self.dump.passes[k]
         start, length = p["start"], p["length"]
         kept = p.get("positions")
@@ -49,14 +49,15 @@ class Operations:
         return Context(self.config, layer=layer, scope=f"{self.prefix}layers.{layer}", start=start, length=length,
                        shape=tuple(self.dump[_key(name, k)].shape), input_ids=ids,
                        attention_mask=self.dump.attention_mask, r=self.r, cache=self.cache, kept=kept,
-                       orders=orders or {})
+                       orders=orders or {}, observed=observed)
 
-    def expected(self, name, k, orders=None, recipe=None):
+    def expected(self, name, k, orders=None, recipe=None, observed=None):
         """op(inputs) for tensor `name` of pass k, float64, in the dump's shape (NotIsolated when an input is
         not recorded), in the rounding `orders` ({family: order}) given; `recipe` (compute, inputs, weights)
-        replaces the operation's own (catalogue.py's mistakes)."""
+        replaces the operation's own (catalogue.py's mistakes); `observed`: the port's output, by which a
+        fused attention settles its rounding ties (attention.settle_ties)."""
         layer, own = self.recipe(name, k)
-        ctx = self.context(name, k, layer, orders)
+        ctx = self.context(name, k, layer, orders, observed)
         compute, symbols, weights = (own.compute, own.inputs, own.weights) if recipe is None else recipe
         inputs = [self.read(symbol, layer, k) for symbol in symbols]
         return compute(ctx, *inputs, *(self.weight(w, layer) for w in weights))

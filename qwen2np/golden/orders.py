@@ -3,7 +3,8 @@
 A bfloat16 or float16 port rounds its results to its dtype, but not every framework rounds at the same
 places: transformers adds a projection's bias before rounding the product, keras-hub after; transformers
 rounds RMSNorm's normalised x and then its product by the weight, keras-hub and mlx-lm round once;
-mlx-lm rounds SiLU before the product by `up`, llama.cpp's fused SwiGLU does not. Each of these is
+mlx-lm rounds each step of x · sigmoid(x) and its sigmoid from a rounded exp(|x|), llama.cpp's fused
+SwiGLU rounds once. Each of these is
 correct: each is what some framework computes, and each differs from the others by one unit in the last
 place on a good share of the elements. So isolation (isolate.py) accepts any order listed here, bit for
 bit or within its measured limit, and reports which one the port uses.
@@ -40,15 +41,20 @@ ORDERS = {
     "softmax": [("", "the softmax in float32 (as transformers)"),
                 ("half", "the softmax in half precision")],
     "silu": [("", "SiLU rounded once (as transformers)"),
-             ("sigmoid", "SiLU as x · sigmoid(x), the sigmoid rounded first (as keras-hub)")],
+             ("sigmoid", "SiLU as x · sigmoid(x), the sigmoid rounded first (as keras-hub)"),
+             ("exp", "SiLU as x · sigmoid(x), the sigmoid from a rounded exp(|x|) (as mlx's CPU kernel)")],
     "swiglu": [("", "silu(gate) · up rounded once (a fused SwiGLU, as llama.cpp)"),
-               ("silu", "silu(gate) rounded before the product by up (as mlx-lm and keras-hub)"),
-               ("sigmoid", "x · sigmoid(x) rounded step by step, then the product by up")],
+               ("silu", "silu(gate) rounded before the product by up (as keras-hub)"),
+               ("sigmoid", "x · sigmoid(x) rounded step by step, then the product by up"),
+               ("exp", "x · sigmoid(x) rounded step by step, the sigmoid from a rounded exp(|x|), "
+                       "then the product by up (as mlx-lm on CPU)")],
     "swiglu_product": [("", "silu(gate) · up rounded before down_proj (as transformers)"),
                        ("exact", "silu(gate) · up not rounded before down_proj (a fused product)")],
     "attention": [("", "the attention rounded once, at its output (a fused kernel: torch sdpa, mlx.fast)"),
                   ("eager", "the scores and probabilities rounded on the way (as transformers' eager attention)"),
-                  ("queries", "the queries scaled first, scores and probabilities rounded (as mlx-lm's fallback)")],
+                  ("queries", "the queries scaled first, scores and probabilities rounded (as mlx-lm's fallback)"),
+                  ("probs", "the scores and softmax in float32, the probabilities rounded before the product "
+                            "by V (as JAX's dot_product_attention, keras-hub)")],
 }
 FAMILIES = tuple(ORDERS)
 

@@ -80,6 +80,7 @@ class Context:
     cache: dict = field(default_factory=dict)   # whole weights in float64, kept while the caller wants
     kept: object = None               # the positions the dump kept of this pass (--positions), None: all
     orders: dict = field(default_factory=dict)  # rounding-order family -> the port's order (orders.py)
+    observed: object = None           # the port's own output, float64 (the fused attention settles ties by it)
 
     @property
     def positions(self):
@@ -170,8 +171,8 @@ def activation(ctx, x, act=None):
     """The config's hidden_act (or `act`), elementwise; SiLU rounded as the port rounds (order "silu")."""
     act = act or ctx.config.hidden_act
     if act in ("silu", "swish"):
-        if ctx.order("silu") == "sigmoid":      # x · sigmoid(x) in half precision: the sigmoid rounded first
-            return x * ctx.r(1 / (1 + np.exp(-x)))
+        if ctx.order("silu") in ("sigmoid", "exp"):   # x · sigmoid(x) in half precision: the sigmoid rounded first
+            return x * sigmoid(ctx, x, ctx.order("silu"))
         return x / (1 + np.exp(-x))
     if act in ("gelu_pytorch_tanh", "gelu_new"):
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
@@ -180,6 +181,17 @@ def activation(ctx, x, act=None):
     if act == "relu":
         return np.maximum(x, 0)
     raise NotIsolated(f"hidden_act {act!r} is not one qwen2np recomputes")
+
+
+def sigmoid(ctx, x, order="sigmoid"):
+    """σ(x) rounded to the port's dtype: 1 / (1 + exp(−x)) rounded once ("sigmoid"), or as mlx's CPU kernel
+    computes it ("exp"): e = r(exp(|x|)), then 1 − 1/(1 + e) for x ≥ 0 and 1/(1 + e) below, rounded."""
+    if order == "exp":
+        # subtle: mlx rounds exp(|x|) to the half dtype before dividing: at x = 0.0079 in bfloat16, exp(x) =
+        # 1.00791 becomes 1.0078125, and σ comes out 0.5 where σ rounded once is 0.50390625
+        e = ctx.r(np.exp(np.abs(x)))
+        return ctx.r(np.where(x < 0, 1 / (1 + e), 1 - 1 / (1 + e)))
+    return ctx.r(1 / (1 + np.exp(-x)))
 
 
 def _erf(x):
@@ -197,8 +209,8 @@ def act_up(ctx, gate, up):
         order = ctx.order("swiglu")
         if order == "silu":
             return ctx.r(ctx.r(activation(ctx, gate)) * up)
-        if order == "sigmoid":
-            return ctx.r(ctx.r(gate * ctx.r(1 / (1 + np.exp(-gate)))) * up)
+        if order in ("sigmoid", "exp"):
+            return ctx.r(ctx.r(gate * sigmoid(ctx, gate, order)) * up)
         return ctx.r(activation(ctx, gate) * up)
 
 

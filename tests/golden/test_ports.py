@@ -210,11 +210,12 @@ def half_model():
 ORDERS = {
     "mlx": ["RMSNorm rounded once, after the weight (as keras-hub and mlx-lm)",
             "RoPE rounded once (a fused kernel, as mlx-lm)", "RoPE tables kept in float32 (as a fused RoPE kernel)",
-            "silu(gate) rounded before the product by up (as mlx-lm and keras-hub)"],
+            "x · sigmoid(x) rounded step by step, the sigmoid from a rounded exp(|x|), then the product by up "
+            "(as mlx-lm on CPU)"],
     "keras": ["the bias added after the product's rounding (as keras-hub)",
               "RMSNorm rounded once, after the weight (as keras-hub and mlx-lm)",
               "the queries scaled before the product (as keras-hub)",
-              "silu(gate) rounded before the product by up (as mlx-lm and keras-hub)"],
+              "silu(gate) rounded before the product by up (as keras-hub)"],
 }
 
 

@@ -148,3 +148,54 @@ def test_a_dynamic_rope_past_max_position_embeddings_isolates_clean():
         model = Qwen2ForCausalLM(config, seed=5)   # fresh: a dynamic RoPE remembers the longest sequence it saw
         isolation = isolate_dump(record_dump(model, IDS, MASK, decode_steps=2, include=include), model)
         assert isolation.ok and not isolation.not_isolated, format_isolation(isolation, brief=True)
+
+
+# -- half precision: what a real framework computes, reproduced bit for bit -------------------------------
+
+
+def test_mlx_s_sigmoid_rounds_its_exponential_first():
+    """mlx's CPU kernel: σ(x) from exp(|x|) rounded to bfloat16 (found on mlx 0.32.4: every bfloat16 value
+    but 2 of 65,280 reproduced, tests/golden/test_port_mlx.py holds it on the real port). At x = 0.0079 it
+    gives 0.5 where σ rounded once gives 0.50390625; the order "exp" computes the first."""
+    from qwen2np.golden.recipes import Context, sigmoid
+    from qwen2np.golden.rounding import rounding
+
+    ctx = Context(Qwen2Config(**TINY), r=rounding("bfloat16"))
+    x = np.array([0.007873535, -0.007873535, 3.0])
+    assert sigmoid(ctx, x, "exp").tolist() == [0.5, 0.498046875, 0.953125]          # mlx.core.sigmoid's
+    assert sigmoid(ctx, x, "sigmoid").tolist() == [0.50390625, 0.498046875, 0.953125]
+
+
+def tie_case():
+    """One query, two keys, HD = 4, bfloat16: the first score's product q·k = 1 + 2⁻⁸ + 2⁻²⁰ lies 2⁻²⁰ above
+    the midpoint between bfloat16's 1 and 1.0078125 (a ten-thousandth of a unit), where a float32 sum in
+    another order may land on either side."""
+    from qwen2np.golden.recipes import Context
+    from qwen2np.golden.rounding import rounding
+
+    config = Qwen2Config(**dict(TINY, hidden_size=4, num_attention_heads=1, num_key_value_heads=1, head_dim=4))
+    ctx = Context(config, layer=0, start=1, length=1, shape=(1, 1, 4), r=rounding("bfloat16"),
+                  orders={"attention": "eager"})
+    q = np.array([1.0, 1.0, 1.0, 1.0]).reshape(1, 1, 1, 4)                       # [B, H, T, HD]
+    keys = np.array([[1.0, 2.0 ** -8, 2.0 ** -20, 0.0], [0.0, 0.0, 0.0, 0.0]]).reshape(1, 1, 2, 4)
+    values = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]).reshape(1, 2, 4)
+    r = ctx.r
+    p = r(np.exp([0.5, 0.0]) / np.exp([0.5, 0.0]).sum())     # the port's scores: 1.0 (rounded down) · 0.5, and 0
+    return ctx, q, keys, values, r(p @ values[0])[None]
+
+
+def test_a_fused_attention_s_score_on_a_rounding_tie_is_settled_by_the_port_s_output():
+    """A correct bfloat16 port rounded that score down: its context differs from the recomputation's in
+    every element. Given the port's output, the fused attention recomputes the row with the tie rounded the
+    other way and finds the port's; an output no tie explains is left judged against the first."""
+    import dataclasses
+
+    from qwen2np.golden.attention import fused_context
+
+    ctx, q, keys, values, port = tie_case()
+    first = fused_context(ctx, q, keys, values)
+    assert (first != port).any()
+    settled = fused_context(dataclasses.replace(ctx, observed=port), q, keys, values)
+    assert (settled == port).all()
+    wrong = port * 2          # a bug: no rounding of any score gives it
+    assert (fused_context(dataclasses.replace(ctx, observed=wrong), q, keys, values) == first).all()

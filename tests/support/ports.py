@@ -5,8 +5,8 @@ KV cache, the way a framework does it, and returns its dump. It shares no code w
 the golden recipes (the dump format and the fingerprint aside): a third implementation, with switches for
 
 * the framework's rounding orders in bfloat16 / float16 (`style`): transformers', mlx-lm's (RMSNorm rounded
-  once, one rounding in RoPE with float32 tables it never shows, a fused attention, silu(g) rounded before
-  `· up`), keras-hub's (the bias added after the rounded product, RMSNorm rounded once, the queries scaled
+  once, one rounding in RoPE with float32 tables it never shows, a fused attention, g · sigmoid(g) · up
+  each step rounded, the sigmoid from a rounded exp(|g|) as mlx's CPU kernel), keras-hub's (the bias added after the rounded product, RMSNorm rounded once, the queries scaled
   before the scores, silu rounded before `· up`, token-first per-head tensors);
 * what it dumps and how: a fused attention (no scores or probs), token-first `[B, T, H, HD]`, scores taken
   after the mask (TransformerLens' hook_attn_scores), a context stored merged (HD, H) though computed right;
@@ -25,7 +25,7 @@ STYLES = {
     "transformers": dict(bias="before", norm="two", rope="three", tables="rounded", attention="eager",
                          scores="product", swiglu="act", layout="head-major"),
     "mlx": dict(bias="before", norm="once", rope="one", tables="float32", attention="fused", scores="product",
-                swiglu="silu", layout="head-major"),
+                swiglu="mlx", layout="head-major"),
     "keras": dict(bias="after", norm="once", rope="three", tables="rounded", attention="eager", scores="queries",
                   swiglu="silu", layout="token-first"),
 }
@@ -243,7 +243,9 @@ def port_dump(model, ids, mask=None, *, decode_steps=0, dtype="float32", style="
                 record(p + "mlp.act", r(act))
                 product = r(act) if "no_up" in m else r(r(act) * up)
             else:   # a fused SwiGLU: silu_of_up swaps its two arguments
-                other = gate if "silu_of_up" in m else up
+                g, other = (up, gate) if "silu_of_up" in m else (gate, up)
+                if how["swiglu"] == "mlx" and not {"gelu", "gelu_erf", "relu", "sigmoid_only"} & m:
+                    act = g * _mlx_sigmoid(g, r)        # mlx: x · sigmoid(x), rounded before the product by up
                 product = record(p + "mlp.act_up", r(act) if "no_up" in m else r(r(act) * other))
             down = record(p + "mlp.down_proj", linear(product, weights[p + "mlp.down_proj.weight"]))
             x = record(f"model.layers.{l}", r(x + down) if "mlp_from_input" in m else r(mid + down))
@@ -286,6 +288,15 @@ def _activation(g, m, r):
         if "sigmoid_only" in m:
             return 1 / (1 + np.exp(-g))
         return g / (1 + np.exp(-g))
+
+
+def _mlx_sigmoid(g, r):
+    """sigmoid as mlx's CPU kernel computes it in half precision: exp(|g|) rounded, then 1/(1 + e) in
+    float32, taken from 1 for g ≥ 0, rounded."""
+    with np.errstate(over="ignore"):
+        e = r(np.exp(np.abs(g)))
+        y = np.float32(1) / (np.float32(1) + e)
+        return r(np.where(g < 0, y, np.float32(1) - y))
 
 
 def _rotate_again(k, inv_freq, r, order):
