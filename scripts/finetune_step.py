@@ -7,6 +7,7 @@
      activations ...", "load_seconds": 10.5, "seconds": 33.8, "peak_rss_bytes": 5468336128}
 
 (one line; the texts are notebook 6's, the figures those of the 2-core development machine under load.)
+Notebook 6 adds `--max-memory 6GB`, so that the plan does not depend on what the machine has free.
 
 It loads `--model` as the command line does (a Hugging Face folder, a .gguf file, `test` or a hub id; in
 float32 within the default memory budget unless --dtype / --max-memory say otherwise), computes the
