@@ -162,12 +162,13 @@ def grader_calls(model):
         ("logit_lens", lambda f: ex.grade_logit_lens(f, model, IDS, 4)),
         ("head_attribution", lambda f: ex.grade_head_attribution(f, model, IDS, 4, 9)),
         ("greedy", lambda f: ex.grade_greedy(f, model, IDS, 2)),
+        ("rms_norm_backward", ex.grade_rms_norm_backward), ("softmax_backward", ex.grade_softmax_backward),
     ]
 
 
 def test_every_exercise_is_in_the_property_test(model):
     names = {n for n in dir(ex) if n.startswith("grade_")}
-    assert len(grader_calls(model)) == len(names) == 26
+    assert len(grader_calls(model)) == len(names) == 28
 
 
 @settings(max_examples=40, deadline=None)

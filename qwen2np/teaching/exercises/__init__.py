@@ -11,3 +11,4 @@ from .generation import (grade_draw, grade_greedy, grade_last_token, grade_lm_lo
                          grade_top_k, grade_top_p)
 from .inspection import grade_head_attribution, grade_induction_scores, grade_logit_lens
 from .porting import grade_first_divergence, grade_q4k_block
+from .training import grade_rms_norm_backward, grade_softmax_backward
