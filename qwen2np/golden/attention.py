@@ -159,12 +159,9 @@ def per_query_head(x, kv_index):
 
 def scores(ctx, q, keys, scale=None, kv_index=None, S=None):
     """q [B, H, T, HD], keys [B, KV, past+T, HD] -> [B, H, T, S], rounded as the port rounds (order "scores")."""
-    H, KV, HD = ctx.config.num_attention_heads, ctx.config.num_key_value_heads, ctx.config.head_dim
     S = ctx.shape[-1] if S is None else S
-    scale = HD ** -0.5 if scale is None else scale
-    k = per_query_head(last_positions(keys, S, f"{ctx.scope}.self_attn.k_rope"),
-                       repeat_heads(H, KV) if kv_index is None else kv_index)   # [B, H, S, HD]
-    product, finish = score_product(ctx, q, k, scale)
+    scale = ctx.config.head_dim ** -0.5 if scale is None else scale
+    product, finish = score_product(ctx, q, keys_per_head(ctx, keys, S, kv_index), scale)
     return finish(ctx.r(product))
 
 
@@ -197,6 +194,13 @@ def probs(ctx, s, recorded_mask=None):
     """softmax(scores + mask), with the port's own mask as a pattern when recorded.  [B, H, T, S]"""
     B, _, T, S = ctx.shape
     return softmax(ctx, s + np.where(allowed_keys(ctx, B, T, S, recorded_mask), 0.0, MASKED))
+
+
+def keys_per_head(ctx, keys, S, kv_index=None):
+    """keys [B, KV, past+T, HD] -> the last S positions of the KV head each query head reads [B, H, S, HD]"""
+    H, KV = ctx.config.num_attention_heads, ctx.config.num_key_value_heads
+    k = last_positions(keys, S, f"{ctx.scope}.self_attn.k_rope")
+    return per_query_head(k, repeat_heads(H, KV) if kv_index is None else kv_index)
 
 
 def values_per_head(ctx, values, S, kv_index=None):
@@ -238,9 +242,7 @@ def fused_context(ctx, q, keys, values, recorded_mask=None, scale=None, kv_index
         allowed = layer_mask(ctx, B, T, S, window) == 0
     else:
         allowed = allowed_keys(ctx, B, T, S, recorded_mask)
-    H, KV = ctx.config.num_attention_heads, ctx.config.num_key_value_heads
-    k = per_query_head(last_positions(keys, S, f"{ctx.scope}.self_attn.k_rope"),
-                       repeat_heads(H, KV) if kv_index is None else kv_index)    # [B, H, S, HD]
+    k = keys_per_head(ctx, keys, S, kv_index)                                     # [B, H, S, HD]
     v = values_per_head(ctx, values, S, kv_index)                                 # [B, H, S, HD]
     product, finish = score_product(inside, q, k, HD ** -0.5 if scale is None else scale)
 
@@ -270,8 +272,8 @@ def settle_ties(ctx, product, finish, allowed, v, c, attend):
     one score that lay on a rounding tie rounded the other way, where that makes the row the port's.
 
     subtle: a half-precision score within 1e-5 of a unit in the last place from a midpoint rounds up in one
-    float32 sum and down in another; exp() makes that unit 28 % of its probability (a score of 52 in
-    bfloat16: 0.25), and the row of the context moves by up to 16 units. Each is a legitimate result, so
+    float32 sum and down in another; at a score of 52 a bfloat16 unit is 0.25, exp(0.25) moves that key's
+    probability by 28 %, and the row of the context by up to 16 units. Each is a legitimate result, so
     the port's row is matched against both. Only rows that differ are searched, one tie at a time."""
     B, H, T, HD = c.shape
     observed = ctx.observed.reshape(B, T, H, HD).transpose(0, 2, 1, 3)          # [B, H, T, HD]
