@@ -225,7 +225,7 @@ def test_policies_judge_what_they_say():
     assert check.ok and check.limit == "rel ≤ 1.0e-04"
     check.name = "model.layers.0.mlp.down_proj"
     policy_named("q4_k_m").judge_isolation(check)
-    assert check.ok and check.limit == "NMSE ≤ -24 dB"   # 8-bit activations: -80 dB of local error is fine
+    assert check.ok and check.limit == "NMSE ≤ -23 dB"   # 8-bit activations: -80 dB of local error is fine
     check.nmse_db = -10.0
     policy_named("q4_k_m").judge_isolation(check)
     assert not check.ok
