@@ -132,6 +132,17 @@ class Recorder:
             return wrapped
         return make
 
+    def input_and_output(self, before, after, reshape=None):
+        """For wrap: record the call's input as `before` (reshaped) and its output as `after`."""
+        def make(call):
+            def wrapped(x, *args, **kwargs):
+                self.record(before, x if reshape is None else reshape(x))
+                y = call(x, *args, **kwargs)
+                self.record(after, y)
+                return y
+            return wrapped
+        return make
+
     def install(self):
         b, rec = self.model.backbone, self.record
         compute = self.model.compute_dtype
@@ -178,35 +189,15 @@ class Recorder:
                 return wrapped
             self.wrap(attn, "_masked_softmax", softmax)
 
-            def output_dense(call, s=s):
-                def wrapped(x, *args, **kwargs):
-                    rec(f"{s}.self_attn.context", merge(x))
-                    y = call(x, *args, **kwargs)
-                    rec(f"{s}.self_attn.o_proj", y)
-                    return y
-                return wrapped
-            self.wrap(attn._output_dense, "call", output_dense)
-
-            def ff_norm(call, s=s):
-                def wrapped(x, *args, **kwargs):
-                    rec(f"{s}.resid_mid", x)
-                    y = call(x, *args, **kwargs)
-                    rec(f"{s}.post_attention_layernorm", y)
-                    return y
-                return wrapped
-            self.wrap(layer._feedforward_layernorm, "call", ff_norm)
+            self.wrap(attn._output_dense, "call",
+                      self.input_and_output(f"{s}.self_attn.context", f"{s}.self_attn.o_proj", merge))
+            self.wrap(layer._feedforward_layernorm, "call",
+                      self.input_and_output(f"{s}.resid_mid", f"{s}.post_attention_layernorm"))
             self.wrap(layer._feedforward_gate_dense, "call", self.output(f"{s}.mlp.gate_proj"))
             self.wrap(layer._feedforward_intermediate_dense, "call", self.output(f"{s}.mlp.up_proj"))
             self.wrap(layer, "activation", self.output(f"{s}.mlp.act", lambda y: ops.cast(y, compute)))
-
-            def down(call, s=s):
-                def wrapped(x, *args, **kwargs):
-                    rec(f"{s}.mlp.act_up", x)
-                    y = call(x, *args, **kwargs)
-                    rec(f"{s}.mlp.down_proj", y)
-                    return y
-                return wrapped
-            self.wrap(layer._feedforward_output_dense, "call", down)
+            self.wrap(layer._feedforward_output_dense, "call",
+                      self.input_and_output(f"{s}.mlp.act_up", f"{s}.mlp.down_proj"))
             self.wrap(layer, "call", self.output(s, lambda y: y[0] if isinstance(y, (tuple, list)) else y))
         self.wrap(b.layer_norm, "call", self.output("model.norm"))
 

@@ -259,8 +259,9 @@ def isolate_one(ops, name, index, judge, learned, joined=None):
         check.weights = [ops.weight_name(w, layer) for w in recipe.weights]
         check.via = "fused" if "attention" in recipe.families else ""
         combos = combinations(recipe.families, learned) if dump.dtype in HALF else [{}]
+        actual = dump[key]
         # a fused attention in half precision picks, at each rounding tie of its scores, the port's side
-        observed = np.asarray(dump[key], np.float64) if check.via and dump.dtype in HALF else None
+        observed = np.asarray(actual, np.float64) if check.via and dump.dtype in HALF else None
         if joined is not None and joined[0] == combos[0]:
             expected, ops.used = joined[1], list(joined[2])
         else:
@@ -269,7 +270,6 @@ def isolate_one(ops, name, index, judge, learned, joined=None):
         check.missing, check.inputs = str(e), list(dict.fromkeys(ops.used))
         return check
     check.inputs = list(dict.fromkeys(ops.used))
-    actual = dump[key]
     valid = valid_elements(name, actual.shape, dump.attention_mask, p["start"], p["length"], p.get("positions"))
     if name.endswith(".mask") and valid is not None:   # a padding key must be hidden from a real query: compared
         valid = np.broadcast_to(valid.any(axis=-1, keepdims=True), actual.shape)

@@ -9,6 +9,7 @@ Shapes: B batch, T positions, S key positions (= T: no cache when training), D h
 KV key/value heads, G = H // KV, HD head dim.
 
 >>> import numpy as np
+>>> from qwen2np.model.rope import apply_rope
 >>> x = np.array([[[1.0, 2.0, 3.0, 4.0]]])                  # [B, H, T, HD] = [1, 1, 1, 4]
 >>> cos, sin = np.full((1, 1, 4), 0.6), np.full((1, 1, 4), 0.8)
 >>> y = apply_rope(x, cos, sin)                             # a rotation: lengths are kept
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..inspection.tracing import tap
-from ..model.attention import grouped_query_attention
+from ..model.attention import grouped_query_attention, queries_keys_values
 from ..model.layers import linear
-from ..model.rope import apply_rope, rotate_half
+from ..model.rope import rotate_half
 from .layers import linear_backward, softmax_backward
 
 
@@ -45,15 +46,8 @@ def attention_forward(x, w, cos, sin, mask, config, scope):
 
     x [B, T, D] -> [B, T, D], AttentionSaved. `w` maps the names under `…self_attn.` to arrays."""
     B, T, _ = x.shape
-    H, KV, HD = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = tap(scope, "q_proj", linear(x, w["q_proj.weight"], w["q_proj.bias"]))   # [B, T, D] -> [B, T, H*HD]
-    k = tap(scope, "k_proj", linear(x, w["k_proj.weight"], w["k_proj.bias"]))   # [B, T, D] -> [B, T, KV*HD]
-    v = tap(scope, "v_proj", linear(x, w["v_proj.weight"], w["v_proj.bias"]))   # [B, T, D] -> [B, T, KV*HD]
-    q = q.reshape(B, T, H, HD).transpose(0, 2, 1, 3)      # -> [B, H, T, HD]
-    k = k.reshape(B, T, KV, HD).transpose(0, 2, 1, 3)     # -> [B, KV, T, HD]
-    v = v.reshape(B, T, KV, HD).transpose(0, 2, 1, 3)     # -> [B, KV, T, HD]
-    q = tap(scope, "q_rope", apply_rope(q, cos, sin))     # [B, H, T, HD]
-    k = tap(scope, "k_rope", apply_rope(k, cos, sin))     # [B, KV, T, HD]
+    H, HD = config.num_attention_heads, config.head_dim
+    q, k, v = queries_keys_values(x, w, cos, sin, config, scope)   # [B, H, T, HD], [B, KV, T, HD] ×2
     context, probs = grouped_query_attention(q, k, v, mask.bias, HD ** -0.5, scope)   # probs [B, H, T, S]
     context = tap(scope, "context", context.transpose(0, 2, 1, 3).reshape(B, T, H * HD))
     out = tap(scope, "o_proj", linear(context, w["o_proj.weight"]))                   # -> [B, T, D]

@@ -38,6 +38,23 @@ def self_attention(x, w, cos, sin, mask, cache_layer, config, scope=None, need_p
     rotated keys and the values of past positions.
     """
     B, T, _ = x.shape
+    H, HD = config.num_attention_heads, config.head_dim
+    q, k, v = queries_keys_values(x, w, cos, sin, config, scope)
+    if cache_layer is not None:  # the cache stores keys after RoPE
+        k, v = cache_layer.update(k, v)                   # -> [B, KV, S, HD]
+    context, probs = grouped_query_attention(q, k, v, mask, HD ** -0.5, scope, need_probs)
+    context = context.transpose(0, 2, 1, 3).reshape(B, T, H * HD)   # [B, H, T, HD] -> [B, T, H*HD]
+    context = tap(scope, "context", context)
+    out = linear(context, w["o_proj.weight"])                        # [B, T, H*HD] -> [B, T, D]
+    if listens(scope, "head_out"):   # only under a trace that asks for it: H times the work of o_proj
+        out = head_outputs(context, w["o_proj.weight"], out, H, scope)
+    return tap(scope, "o_proj", out), probs                          # [B, T, D]
+
+
+def queries_keys_values(x, w, cos, sin, config, scope=None):
+    """x [B, T, D] projected to queries, keys and values, split into heads, q and k rotated by RoPE.
+    -> q [B, H, T, HD], k [B, KV, T, HD], v [B, KV, T, HD]"""
+    B, T, _ = x.shape
     H, KV, HD = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = tap(scope, "q_proj", linear(x, w["q_proj.weight"], w["q_proj.bias"]))   # [B, T, D] -> [B, T, H*HD]
     k = tap(scope, "k_proj", linear(x, w["k_proj.weight"], w["k_proj.bias"]))   # [B, T, D] -> [B, T, KV*HD]
@@ -48,15 +65,7 @@ def self_attention(x, w, cos, sin, mask, cache_layer, config, scope=None, need_p
     v = v.reshape(B, T, KV, HD).transpose(0, 2, 1, 3)     # -> [B, KV, T, HD]
     q = tap(scope, "q_rope", apply_rope(q, cos, sin))     # [B, H, T, HD]
     k = tap(scope, "k_rope", apply_rope(k, cos, sin))     # [B, KV, T, HD]
-    if cache_layer is not None:  # the cache stores keys after RoPE
-        k, v = cache_layer.update(k, v)                   # -> [B, KV, S, HD]
-    context, probs = grouped_query_attention(q, k, v, mask, HD ** -0.5, scope, need_probs)
-    context = context.transpose(0, 2, 1, 3).reshape(B, T, H * HD)   # [B, H, T, HD] -> [B, T, H*HD]
-    context = tap(scope, "context", context)
-    out = linear(context, w["o_proj.weight"])                        # [B, T, H*HD] -> [B, T, D]
-    if listens(scope, "head_out"):   # only under a trace that asks for it: H times the work of o_proj
-        out = head_outputs(context, w["o_proj.weight"], out, H, scope)
-    return tap(scope, "o_proj", out), probs                          # [B, T, D]
+    return q, k, v
 
 
 def grouped_query_attention(q, k, v, mask, scaling, scope=None, need_probs=True):
